@@ -1,0 +1,131 @@
+"""Typed configuration: dataclass schemas, YAML values, `key=value` overrides, strict merge.
+
+Shared by both halves of dinoforge (``pipeline`` imports it as it imports ``pretrain.models``).
+
+    cfg = load_config(TrainConfig, "configs/pretrain/vit_test_cpu.yaml", ["train.steps=10"])
+    save_config(cfg, run_dir / "config.yaml")
+
+A key that the schema does not have, in the file or on the command line, raises ConfigError
+naming the key; so does a value of the wrong type. YAML is read with a safe loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got: {', '.join(bad)}")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {exc}") from exc
+
+
+def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    if key:
+        return ConfigError(f"{origin}: bad config key '{key}': {msg}")
+    return ConfigError(f"{origin}: {msg}")
+
+
+def load_config(
+    schema: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+) -> T:
+    """Merge schema defaults <- YAML file <- overrides, strictly; return a typed DictConfig.
+
+    The result behaves like an instance of ``schema`` (attribute access, typed values); call
+    ``to_object`` for a plain dataclass instance.
+    """
+    if not dataclasses.is_dataclass(schema):
+        raise TypeError(f"schema must be a dataclass type, got {schema!r}")
+    cfg = OmegaConf.structured(schema)
+    OmegaConf.set_struct(cfg, True)
+    if path is not None:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(_read_yaml(path)))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, str(path)) from exc
+    if overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, _parse_overrides(overrides))
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, "command line") from exc
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, str(path) if path else "config") from exc
+    return cfg  # type: ignore[return-value]
+
+
+def to_object(cfg: Any) -> Any:
+    """A DictConfig made by load_config, as a plain dataclass instance."""
+    return OmegaConf.to_object(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file so that readers see either the old content or the new, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Save the resolved config as YAML, atomically."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        cfg = OmegaConf.structured(cfg)
+    atomic_write_text(path, to_yaml(cfg))

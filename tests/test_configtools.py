@@ -1,0 +1,56 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from pretrain.configtools import ConfigError, load_config, save_config
+
+
+@dataclass
+class Inner:
+    size: int = 256
+    mode: str = "keep_ratio"
+
+
+@dataclass
+class Outer:
+    output_dir: str = "out"
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_yaml_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("inner:\n  size: 128\n")
+    cfg = load_config(Outer, f, ["inner.mode=center_crop", "output_dir=RUN"])
+    assert (cfg.inner.size, cfg.inner.mode, cfg.output_dir) == (128, "center_crop", "RUN")
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(Outer, tmp_path / "run" / "config.yaml")
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "yaml_text, overrides, needle",
+    [
+        ("inner:\n  sise: 1\n", [], "inner.sise"),
+        ("", ["inner.mdoe=x"], "inner.mdoe"),
+        ("", ["inner.size=big"], "inner.size"),
+        ("", ["nonsense"], "key=value"),
+        ("- a\n- b\n", [], "mapping"),
+    ],
+)
+def test_bad_keys_and_values_are_named(tmp_path, yaml_text, overrides, needle):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config(Outer, f, overrides)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "nope.yaml")
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("output_dir: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError):
+        load_config(Outer, f)
