@@ -1,0 +1,187 @@
+"""The training config schema: one dataclass per component, values from configs/pretrain/*.yaml.
+
+    cfg = load_train_config("configs/pretrain/vit_test_cpu.yaml", ["train.steps=10"])
+
+Defaults are DINOv2's ViT-S/B recipe (REFERENCE.md); the YAML files hold the differences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pretrain.configtools import ConfigError, load_config
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small"  # vit_test | vit_small | vit_base | vit_large | vit_giant2
+    patch_size: int = 14
+    num_register_tokens: int = 0
+    drop_path_rate: float = 0.3
+    layerscale_init: float = 1e-5
+    ffn_layer: str | None = None
+    attn_backend: str = "auto"
+
+
+@dataclass
+class HeadConfig:
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    # iBOT shares the DINO head unless this is set (ViT-g uses a separate one).
+    separate_ibot_head: bool = False
+    ibot_out_dim: int = 65536
+
+
+@dataclass
+class DataConfig:
+    # A glob, a list of paths, a text file listing shards, or a pipeline run directory.
+    shards: Any = None
+    batch_size_per_rank: int = 64
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+    image_key: str = "jpg;jpeg;png;webp"
+
+
+@dataclass
+class CropsConfig:
+    global_crops_size: int = 224
+    local_crops_size: int = 96
+    local_crops_number: int = 8
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    # Intended DINOv2 probabilities: global crop 1, global crop 2, locals.
+    blur_probs: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
+    solarize_prob: float = 0.2
+
+
+@dataclass
+class LossConfig:
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    centering: str = "centering"  # centering | sinkhorn_knopp
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    mask_probability: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 0.004  # per 1024 images, scaled by sqrt(global_batch / 1024)
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    freeze_last_layer_epochs: float = 1
+    clip_grad: float = 3.0
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30
+    scaling_rule: str = "sqrt_wrt_1024"  # sqrt_wrt_1024 | linear_wrt_1024 | none
+
+
+@dataclass
+class TrainRunConfig:
+    steps: int = 125000
+    iterations_per_epoch: int = 1250  # DINOv2's "epoch": schedules are written in epochs of this
+    checkpoint_every: int = 3750
+    seed: int = 0
+    log_every: int = 10
+    # Stop (after checkpointing) once this step is done, as if preempted; 0 = run to `steps`.
+    stop_after: int = 0
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on CPU
+    mixed_precision: str = "auto"  # auto: bf16 params + fp32 reduce on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile per block
+    activation_checkpointing: bool = False
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = 3
+    # Keys whose change between the saved config and this run is fine when resuming.
+    allowed_changes: list[str] = field(
+        default_factory=lambda: [
+            "train.steps",
+            "train.stop_after",
+            "train.checkpoint_every",
+            "train.log_every",
+            "data.shards",
+            "data.num_workers",
+            "dist.compile",
+            "dist.activation_checkpointing",
+            "logging.tensorboard",
+            "checkpoint.keep_last",
+        ]
+    )
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "train_run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainRunConfig = field(default_factory=TrainRunConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that the schema's types cannot express; raises ConfigError naming the key."""
+    if cfg.data.shards in (None, "", []):
+        raise ConfigError(
+            "data.shards is not set: give a glob, a list, a shard-list file or a run dir"
+        )
+    checks = [
+        (cfg.data.batch_size_per_rank >= 2, "data.batch_size_per_rank must be >= 2 (KoLeo)"),
+        (cfg.train.steps > 0, "train.steps must be > 0"),
+        (cfg.train.checkpoint_every > 0, "train.checkpoint_every must be > 0"),
+        (cfg.train.iterations_per_epoch > 0, "train.iterations_per_epoch must be > 0"),
+        (cfg.train.log_every > 0, "train.log_every must be > 0"),
+        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
+        (
+            cfg.loss.centering in ("centering", "sinkhorn_knopp"),
+            "loss.centering must be 'centering' or 'sinkhorn_knopp'",
+        ),
+        (
+            cfg.optim.scaling_rule in ("sqrt_wrt_1024", "linear_wrt_1024", "none"),
+            "optim.scaling_rule must be sqrt_wrt_1024, linear_wrt_1024 or none",
+        ),
+        (
+            cfg.crops.global_crops_size % cfg.model.patch_size == 0,
+            "crops.global_crops_size must be a multiple of model.patch_size",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def load_train_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    cfg = load_config(TrainConfig, path, overrides)
+    validate(cfg)
+    return cfg
