@@ -1,0 +1,73 @@
+"""Backbone factory: `build_backbone("vit_small", num_register_tokens=4)`.
+
+Sizes as in DINOv2 (patch 14 by default): vit_small 384/12 layers/6 heads, vit_base 768/12/12,
+vit_large 1024/24/16, vit_giant2 1536/40/24 (SwiGLU for large and giant2), and vit_test, a tiny
+model for tests and the CPU demo.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pretrain.models.dinov2_checkpoint import dinov2_arch_from_state_dict, read_state_dict
+from pretrain.models.vision_transformer import VisionTransformer, interpolate_pos_embed
+
+ARCHS: dict[str, dict] = {
+    "vit_test": {"embed_dim": 64, "depth": 4, "num_heads": 4, "ffn_layer": "mlp"},
+    "vit_small": {"embed_dim": 384, "depth": 12, "num_heads": 6, "ffn_layer": "mlp"},
+    "vit_base": {"embed_dim": 768, "depth": 12, "num_heads": 12, "ffn_layer": "mlp"},
+    "vit_large": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "ffn_layer": "swiglu"},
+    "vit_giant2": {"embed_dim": 1536, "depth": 40, "num_heads": 24, "ffn_layer": "swiglu"},
+}
+
+
+def build_backbone(
+    name: str,
+    *,
+    patch_size: int = 14,
+    num_register_tokens: int = 0,
+    img_size: int = 224,
+    drop_path_rate: float = 0.0,
+    layerscale_init: float | None = 1e-5,
+    ffn_layer: str | None = None,
+    attn_backend: str = "auto",
+    interpolate_offset: float = 0.1,
+) -> VisionTransformer:
+    if name not in ARCHS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(ARCHS)}")
+    arch = ARCHS[name]
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=patch_size,
+        embed_dim=arch["embed_dim"],
+        depth=arch["depth"],
+        num_heads=arch["num_heads"],
+        ffn_layer=ffn_layer or arch["ffn_layer"],
+        layerscale_init=layerscale_init,
+        drop_path_rate=drop_path_rate,
+        num_register_tokens=num_register_tokens,
+        attn_backend=attn_backend,
+        interpolate_offset=interpolate_offset,
+    )
+
+
+def build_backbone_from_dinov2_checkpoint(
+    path: str | os.PathLike, *, attn_backend: str = "auto"
+) -> VisionTransformer:
+    """A backbone whose size, patch, registers and feed-forward are read off a DINOv2-layout file
+    (official or ours), with the weights loaded strictly."""
+    state = read_state_dict(Path(path))
+    arch = dinov2_arch_from_state_dict(state)
+    model = build_backbone(arch.pop("name"), attn_backend=attn_backend, **arch)
+    model.load_dinov2_checkpoint(path)
+    return model
+
+
+__all__ = [
+    "ARCHS",
+    "VisionTransformer",
+    "build_backbone",
+    "build_backbone_from_dinov2_checkpoint",
+    "interpolate_pos_embed",
+]
