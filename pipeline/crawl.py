@@ -1,0 +1,192 @@
+"""The crawl stage over one shard: fetch, verify, resize, hash, write tar + parquet + stats.
+
+Plain functions, no Ray: ``crawl_shard`` is what one Ray task runs, and tests call it directly.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import CrawlConfig
+from pipeline.fetch import Fetcher, FetchError
+from pipeline.imaging import ImageError, process_image
+from pipeline.shardio import (
+    MANIFEST_COLUMNS,
+    MANIFEST_SCHEMA,
+    TarSink,
+    iter_tar_samples,
+    shard_paths,
+    write_parquet_atomic,
+    write_stats,
+)
+from pipeline.sources import local_loader
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[dict], tuple[bytes, int | None]]  # row -> (bytes, http_status)
+
+
+def sample_key(shard_index: int, row_index: int, key_width: int) -> str:
+    return f"{shard_index:05d}{row_index:0{key_width}d}"
+
+
+def key_width_for(shard_size: int) -> int:
+    return max(4, len(str(shard_size - 1)))
+
+
+def crawl_row(row: dict, load: Loader, cfg: CrawlConfig) -> tuple[dict, bytes | None]:
+    """One input row -> (manifest fields, JPEG bytes or None); never raises for bad input."""
+    record = {name: None for name in MANIFEST_COLUMNS}
+    record["url"] = row.get("url")
+    try:
+        if not isinstance(row.get("url"), str) or not row["url"].strip():
+            raise FetchError("bad_url", f"missing or non-string URL: {row.get('url')!r}")
+        data, record["http_status"] = load(row)
+        record["sha256"] = hashlib.sha256(data).hexdigest() if data else None
+        image = process_image(data, cfg)
+    except (FetchError, ImageError) as exc:
+        record.update(status="failed", error_type=exc.kind, error_message=str(exc))
+        record["http_status"] = getattr(exc, "http_status", None) or record["http_status"]
+        return record, None
+    except Exception as exc:  # a bug or an odd input must not stop the shard
+        log.exception("unexpected error on %s", row.get("url"))
+        record.update(status="failed", error_type="internal_error", error_message=repr(exc))
+        return record, None
+    record.update(
+        status="success",
+        width=image.width,
+        height=image.height,
+        original_width=image.original_width,
+        original_height=image.original_height,
+        bytes=len(data),
+        phash=image.phash,
+        jpg_sha256=hashlib.sha256(image.jpeg).hexdigest(),
+    )
+    return record, image.jpeg
+
+
+def crawl_shard(
+    table: pa.Table, shard_index: int, crawl_dir: Path, cfg: CrawlConfig, kind: str = "urls"
+) -> dict:
+    """Crawl one input shard (columns: ``url`` + carried extras); return its stats.
+
+    With ``cfg.retry_failed`` and a finished shard on disk, successful rows are copied from the
+    old tar and only the failed rows are fetched again.
+    """
+    started = time.time()
+    paths = shard_paths(crawl_dir, shard_index)
+    width = key_width_for(cfg.shard_size)
+    previous = _previous_results(paths) if paths["stats"].exists() else {}
+    rows = table.to_pylist()
+    fetcher = Fetcher(cfg) if kind == "urls" else None
+    load = _url_loader(fetcher) if fetcher else local_loader(kind)
+    paths["stats"].unlink(missing_ok=True)  # not done until rewritten below
+    sink = TarSink(paths["tar"])
+    records = []
+    try:
+        with ThreadPoolExecutor(cfg.threads_per_task) as pool:
+            results = _ordered_results(pool, rows, load, cfg, previous, shard_index, width)
+            for key, row, record, jpeg, meta in results:
+                record["key"] = key
+                records.append(record)
+                if jpeg is not None:
+                    sink.add(key, jpeg, meta or _sample_meta(record, row))
+        sink.commit()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        if fetcher:
+            fetcher.close()
+    write_parquet_atomic(_manifest_table(records, table), paths["parquet"])
+    stats = _stats(records, shard_index, started)
+    write_stats(stats, paths["stats"])
+    return stats
+
+
+def _url_loader(fetcher: Fetcher) -> Loader:
+    def load(row: dict) -> tuple[bytes, int | None]:
+        result = fetcher.fetch(row["url"])
+        return result.data, result.http_status
+
+    return load
+
+
+def _ordered_results(pool, rows, load, cfg, previous, shard_index, width) -> Iterator[tuple]:
+    """Results in row order, with a bounded window of rows in flight (memory stays flat)."""
+    window: collections.deque[tuple[str, dict, Future | tuple]] = collections.deque()
+    ahead = cfg.threads_per_task * 4
+    for row_index, row in enumerate(rows):
+        key = sample_key(shard_index, row_index, width)
+        old = previous.get(key)
+        if old is not None and old[0]["status"] == "success":
+            window.append((key, row, old))
+        else:
+            window.append((key, row, pool.submit(crawl_row, row, load, cfg)))
+        while len(window) > ahead:
+            yield _settle(*window.popleft())
+    while window:
+        yield _settle(*window.popleft())
+
+
+def _settle(key: str, row: dict, pending: Future | tuple) -> tuple:
+    if isinstance(pending, Future):
+        record, jpeg = pending.result()
+        return key, row, record, jpeg, None
+    record, jpeg, meta = pending
+    return key, row, dict(record), jpeg, meta
+
+
+def _previous_results(paths: dict[str, Path]) -> dict[str, tuple[dict, bytes | None, dict | None]]:
+    """Key -> (manifest record, jpeg, sample meta) of a finished shard, for retry_failed."""
+    records = pq.read_table(paths["parquet"], columns=list(MANIFEST_COLUMNS)).to_pylist()
+    samples = dict(iter_tar_samples(paths["tar"]))
+    out = {}
+    for record in records:
+        files = samples.get(record["key"], {})
+        meta = json.loads(files["json"]) if "json" in files else None
+        out[record["key"]] = (record, files.get("jpg"), meta)
+    return out
+
+
+def _sample_meta(record: dict, row: dict) -> dict:
+    meta = {k: v for k, v in row.items() if k != "url"}
+    meta.update(
+        {k: record[k] for k in MANIFEST_COLUMNS if k not in ("error_type", "error_message")}
+    )
+    meta["phash"] = f"{record['phash']:016x}"
+    return meta
+
+
+def _manifest_table(records: list[dict], source: pa.Table) -> pa.Table:
+    table = pa.Table.from_pylist(records, schema=MANIFEST_SCHEMA)
+    for name in source.column_names:
+        if name not in MANIFEST_SCHEMA.names:
+            table = table.append_column(name, source.column(name))
+    return table
+
+
+def _stats(records: list[dict], shard_index: int, started: float) -> dict:
+    by_status = collections.Counter(r["status"] for r in records)
+    by_error = collections.Counter(r["error_type"] for r in records if r["status"] != "success")
+    return {
+        "shard": shard_index,
+        "count": len(records),
+        "successes": by_status.get("success", 0),
+        "failures": len(records) - by_status.get("success", 0),
+        "status": dict(by_status),
+        "errors": dict(by_error),
+        "bytes_downloaded": sum(r["bytes"] or 0 for r in records),
+        "started_at": started,
+        "duration_s": round(time.time() - started, 3),
+    }

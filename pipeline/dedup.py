@@ -1,0 +1,119 @@
+"""Dedup as a view over the crawl: exact (sha256) and near-exact (pHash) duplicates.
+
+Reads only the manifests, never rewrites shards, and writes RUN/dedup/dedup.parquet with one
+row per successful sample: ``key``, ``duplicate_of`` (null for survivors), ``reason``
+(``exact`` / ``near`` / null) and ``distance`` (pHash Hamming distance to its survivor's hash).
+
+Near duplicates are found with FAISS's multi-index hashing: each 64-bit hash is cut into
+threshold+1 substrings, so by the pigeonhole principle two hashes within the threshold agree
+exactly on at least one substring and meet in one bucket; no O(N^2) pair scan.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.shardio import write_parquet_atomic
+from pretrain.configtools import atomic_write_text
+
+DEDUP_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("duplicate_of", pa.string()),
+        ("reason", pa.string()),
+        ("distance", pa.int32()),
+    ]
+)
+
+
+def load_successes(crawl_dir: Path) -> pa.Table:
+    """key, sha256, phash of every successful sample across done shards, sorted by key."""
+    tables = []
+    for stats in sorted(crawl_dir.glob("*.stats.json")):
+        parquet = crawl_dir / stats.name.replace(".stats.json", ".parquet")
+        table = pq.read_table(parquet, columns=["key", "status", "sha256", "phash"])
+        tables.append(table.filter(pc.equal(table["status"], "success")).drop(["status"]))
+    if not tables:
+        return pa.table({"key": pa.array([], pa.string()), "sha256": pa.array([], pa.string()),
+                         "phash": pa.array([], pa.uint64())})  # fmt: skip
+    return pa.concat_tables(tables).sort_by("key")
+
+
+def near_pairs(hashes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All pairs (i < j) with Hamming distance <= threshold, via a multi-hash index."""
+    codes = hashes.astype(">u8").view(np.uint8).reshape(-1, 8)  # (N, 8) bytes per hash
+    n_substrings = threshold + 1
+    bits_per_substring = 64 // n_substrings
+    index = faiss.IndexBinaryMultiHash(64, n_substrings, bits_per_substring)
+    index.add(codes)
+    # range_search keeps distances strictly below the radius.
+    lims, distances, labels = index.range_search(codes, threshold + 1)
+    queries = np.repeat(np.arange(len(hashes)), np.diff(lims))
+    keep = queries < labels
+    return queries[keep], labels[keep], distances[keep]
+
+
+def find_duplicates(table: pa.Table, threshold: int) -> pa.Table:
+    """One survivor per group (the smallest key); every other member points at it."""
+    keys = table["key"].to_pylist()
+    n = len(keys)
+    parent = np.arange(n)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    exact_of: dict[int, int] = {}
+    first_by_sha: dict[str, int] = {}
+    for i, sha in enumerate(table["sha256"].to_pylist()):
+        if sha in first_by_sha:
+            exact_of[i] = first_by_sha[sha]
+            parent[i] = first_by_sha[sha]
+        else:
+            first_by_sha[sha] = i
+    hashes = table["phash"].to_numpy(zero_copy_only=False).astype(np.uint64)
+    if n and threshold >= 0:
+        for i, j, _ in zip(*near_pairs(hashes, threshold)):
+            a, b = root(int(i)), root(int(j))
+            if a != b:
+                parent[max(a, b)] = min(a, b)  # rows are key-sorted: the smaller key survives
+    survivors = [root(i) for i in range(n)]
+    duplicate_of, reason, distance = [], [], []
+    for i, s in enumerate(survivors):
+        if s == i:
+            duplicate_of.append(None), reason.append(None), distance.append(None)
+            continue
+        duplicate_of.append(keys[s])
+        reason.append("exact" if i in exact_of else "near")
+        distance.append(int(hashes[i] ^ hashes[s]).bit_count())
+    return pa.table(
+        {"key": keys, "duplicate_of": duplicate_of, "reason": reason, "distance": distance},
+        schema=DEDUP_SCHEMA,
+    )
+
+
+def run_dedup(run_dir: Path, threshold: int) -> dict:
+    """Write RUN/dedup/dedup.parquet and dedup/summary.json; return the summary."""
+    result = find_duplicates(load_successes(run_dir / "crawl"), threshold)
+    out = run_dir / "dedup"
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(result, out / "dedup.parquet")
+    reasons = result["reason"].to_pylist()
+    summary = {
+        "samples": result.num_rows,
+        "survivors": reasons.count(None),
+        "exact_duplicates": reasons.count("exact"),
+        "near_duplicates": reasons.count("near"),
+        "phash_threshold": threshold,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,230 @@
+"""HTTP fetching with the crawl's safety rules: bounded, retried, SSRF-guarded.
+
+Every request connects to an IP address that was resolved and checked here (so a second DNS
+answer cannot swap in a private address between the check and the connect), follows redirects
+by hand (re-checking each hop), streams the body under a byte cap, and retries only failures
+that may pass on a second try (timeouts, connection errors, 5xx).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+from urllib3.exceptions import HTTPError, MaxRetryError, ProtocolError, TimeoutError
+
+from pipeline.config import CrawlConfig
+
+_CHUNK = 64 * 1024
+
+
+class FetchError(Exception):
+    """A URL that could not be fetched; ``kind`` is the short reason recorded in the manifest."""
+
+    def __init__(self, kind: str, message: str, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.http_status = http_status
+
+
+class _Retryable(FetchError):
+    pass
+
+
+@dataclass
+class FetchResult:
+    data: bytes
+    http_status: int
+    final_url: str
+
+
+def is_public_address(ip: str) -> bool:
+    """False for loopback, private, link-local (cloud metadata), multicast, reserved, unspecified."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return not (
+        addr.is_private
+        or addr.is_loopback
+        or addr.is_link_local
+        or addr.is_multicast
+        or addr.is_reserved
+        or addr.is_unspecified
+    )
+
+
+def robots_opt_out(header_values: list[str], opt_outs: list[str]) -> str | None:
+    """The first opt-out directive found in X-Robots-Tag values, or None.
+
+    Values may name a user agent first ("otherbot: noindex"); any directive counts, whatever
+    agent it names, which errs on the side of the site owner.
+    """
+    wanted = {o.lower() for o in opt_outs}
+    for value in header_values:
+        for token in value.lower().replace(":", ",").replace(" ", ",").split(","):
+            if token.strip() in wanted:
+                return token.strip()
+    return None
+
+
+class Fetcher:
+    """Fetches URLs for one crawl task; thread-safe, keeps connections alive per host."""
+
+    def __init__(self, cfg: CrawlConfig) -> None:
+        self.cfg = cfg
+        self._timeout = urllib3.Timeout(connect=cfg.connect_timeout_s, read=cfg.read_timeout_s)
+        self._pools: dict[tuple, urllib3.HTTPConnectionPool] = {}
+        self._dns: dict[tuple[str, int], str] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            for pool in self._pools.values():
+                pool.close()
+            self._pools.clear()
+
+    def fetch(self, url: str) -> FetchResult:
+        """Download one URL, retrying transient failures with exponential backoff."""
+        attempt = 0
+        while True:
+            try:
+                return self._follow_redirects(url)
+            except _Retryable as exc:
+                if attempt >= self.cfg.retries:
+                    raise FetchError(exc.kind, str(exc), exc.http_status) from None
+                time.sleep(self.cfg.backoff_s * (2**attempt))
+                attempt += 1
+
+    def _follow_redirects(self, url: str) -> FetchResult:
+        seen = {url}
+        for _ in range(self.cfg.max_redirects + 1):
+            status, headers, body = self._request(url)
+            if status in (301, 302, 303, 307, 308):
+                location = headers.get("location")
+                if not location:
+                    raise FetchError("http_error", f"HTTP {status} without Location", status)
+                url = urljoin(url, location)
+                if url in seen:
+                    raise FetchError("redirect_loop", f"redirect loop at {url}", status)
+                seen.add(url)
+                continue
+            return FetchResult(body, status, url)
+        raise FetchError("too_many_redirects", f"more than {self.cfg.max_redirects} redirects")
+
+    def _request(self, url: str) -> tuple[int, urllib3.HTTPHeaderDict, bytes]:
+        scheme, host, port, path = _split_url(url)
+        ip = self._resolve(host, port)
+        pool = self._pool(scheme, host, ip, port)
+        headers = {"User-Agent": self.cfg.user_agent, "Host": _host_header(host, port, scheme)}
+        try:
+            resp = pool.urlopen(
+                "GET", path, headers=headers, redirect=False, retries=False,
+                preload_content=False, timeout=self._timeout, assert_same_host=False,
+            )  # fmt: skip
+        except (TimeoutError, MaxRetryError) as exc:
+            kind = "timeout" if "timed out" in str(exc).lower() else "connection_error"
+            raise _Retryable(kind, f"{kind}: {exc}") from None
+        except (ProtocolError, HTTPError, OSError) as exc:
+            raise _Retryable("connection_error", f"connection error: {exc}") from None
+        try:
+            return resp.status, resp.headers, self._read_body(resp)
+        finally:
+            resp.release_conn()
+
+    def _read_body(self, resp: urllib3.BaseHTTPResponse) -> bytes:
+        status = resp.status
+        if status in (301, 302, 303, 307, 308):
+            resp.drain_conn()
+            return b""
+        if status >= 500:
+            resp.drain_conn()
+            raise _Retryable("http_error", f"HTTP {status}", status)
+        if status >= 400:
+            resp.drain_conn()
+            raise FetchError("http_error", f"HTTP {status}", status)
+        if self.cfg.respect_robots_header:
+            directive = robots_opt_out(
+                resp.headers.getlist("x-robots-tag"), self.cfg.robots_opt_outs
+            )
+            if directive:
+                raise FetchError("robots_opt_out", f"X-Robots-Tag: {directive}", status)
+        declared = resp.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.cfg.max_bytes:
+            raise FetchError("too_large", f"Content-Length {declared} > max_bytes", status)
+        chunks, size = [], 0
+        try:
+            for chunk in resp.stream(_CHUNK, decode_content=True):
+                size += len(chunk)
+                if size > self.cfg.max_bytes:
+                    raise FetchError(
+                        "too_large", f"body exceeds max_bytes={self.cfg.max_bytes}", status
+                    )
+                chunks.append(chunk)
+        except (TimeoutError, ProtocolError, HTTPError, OSError) as exc:
+            kind = "timeout" if "timed out" in str(exc).lower() else "connection_error"
+            raise _Retryable(kind, f"{kind} while reading body: {exc}", status) from None
+        return b"".join(chunks)
+
+    def _resolve(self, host: str, port: int) -> str:
+        with self._lock:
+            ip = self._dns.get((host, port))
+        if ip is None:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (socket.gaierror, UnicodeError) as exc:
+                raise FetchError("dns_error", f"cannot resolve {host}: {exc}") from None
+            if not infos:
+                raise FetchError("dns_error", f"no address for {host}")
+            ip = str(infos[0][4][0])
+            with self._lock:
+                self._dns[(host, port)] = ip
+        if not self.cfg.allow_private_networks and not is_public_address(ip):
+            raise FetchError("blocked_address", f"{host} resolves to non-public address {ip}")
+        return ip
+
+    def _pool(self, scheme: str, host: str, ip: str, port: int) -> urllib3.HTTPConnectionPool:
+        key = (scheme, host, ip, port)
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                size = self.cfg.threads_per_task
+                if scheme == "https":
+                    pool = urllib3.HTTPSConnectionPool(
+                        ip, port, maxsize=size, block=False,
+                        server_hostname=host, assert_hostname=host,
+                    )  # fmt: skip
+                else:
+                    pool = urllib3.HTTPConnectionPool(ip, port, maxsize=size, block=False)
+                self._pools[key] = pool
+            return pool
+
+
+def _split_url(url: str) -> tuple[str, str, int, str]:
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise FetchError("bad_url", f"malformed URL {url!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise FetchError(
+            "bad_scheme", f"scheme {scheme or '(none)'!r} not allowed: http/https only"
+        )
+    if not parts.hostname:
+        raise FetchError("bad_url", f"malformed URL {url!r}: no host")
+    port = port or (443 if scheme == "https" else 80)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return scheme, parts.hostname, port, path
+
+
+def _host_header(host: str, port: int, scheme: str) -> str:
+    default = 443 if scheme == "https" else 80
+    name = f"[{host}]" if ":" in host else host
+    return name if port == default else f"{name}:{port}"

@@ -1,0 +1,188 @@
+"""Inspection of a run directory: summary, shards, failures, validate (CLI: pipeline/cli.py).
+
+Each function returns a JSON-serialisable dict; ``render`` turns it into text for people.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.shardio import iter_tar_samples, read_stats
+
+SIZE_BINS = (0, 256, 512, 1024, 2048, 4096)
+
+
+def _shard_files(run_dir: Path) -> list[tuple[int, Path, Path, Path]]:
+    crawl = run_dir / "crawl"
+    out = []
+    for stats in sorted(crawl.glob("*.stats.json")):
+        name = stats.name.split(".")[0]
+        out.append((int(name), crawl / f"{name}.tar", crawl / f"{name}.parquet", stats))
+    return out
+
+
+def shards(run_dir: Path) -> dict:
+    rows = []
+    for index, tar, _, stats_path in _shard_files(run_dir):
+        stats = read_stats(stats_path)
+        rows.append({
+            "shard": index, "count": stats["count"], "successes": stats["successes"],
+            "failures": stats["failures"], "bytes_downloaded": stats["bytes_downloaded"],
+            "tar_bytes": tar.stat().st_size if tar.exists() else 0, "duration_s": stats["duration_s"],
+        })  # fmt: skip
+    return {"shards": rows}
+
+
+def summary(run_dir: Path) -> dict:
+    totals: collections.Counter[str] = collections.Counter()
+    errors: collections.Counter[str] = collections.Counter()
+    histogram = collections.Counter()
+    start, end, downloaded = None, None, 0
+    for _, _, parquet, stats_path in _shard_files(run_dir):
+        stats = read_stats(stats_path)
+        totals.update(stats["status"])
+        errors.update(stats["errors"])
+        downloaded += stats["bytes_downloaded"]
+        start = min(start or stats["started_at"], stats["started_at"])
+        end = max(end or 0, stats["started_at"] + stats["duration_s"])
+        table = pq.read_table(parquet, columns=["status", "original_width", "original_height"])
+        ok = table.filter(pc.equal(table["status"], "success"))
+        for w, h in zip(ok["original_width"].to_pylist(), ok["original_height"].to_pylist()):
+            histogram[_size_bin(max(w, h))] += 1
+    rows = sum(totals.values())
+    wall = (end - start) if start is not None else 0.0
+    report = {
+        "shards_done": len(_shard_files(run_dir)),
+        "rows": rows,
+        "by_status": dict(totals),
+        "by_error": dict(errors.most_common()),
+        "success_rate": round(totals.get("success", 0) / rows, 4) if rows else 0.0,
+        "bytes_downloaded": downloaded,
+        "crawl_wall_s": round(wall, 2),
+        "urls_per_s": round(rows / wall, 1) if wall > 0 else None,
+        "original_size_histogram": {k: histogram[k] for k in _bin_labels() if histogram[k]},
+    }
+    dedup_summary = run_dir / "dedup" / "summary.json"
+    if dedup_summary.exists():
+        report["dedup"] = json.loads(dedup_summary.read_text())
+    return report
+
+
+def _bin_labels() -> list[str]:
+    labels = [f"{lo}-{hi - 1}" for lo, hi in zip(SIZE_BINS, SIZE_BINS[1:])]
+    return labels + [f">={SIZE_BINS[-1]}"]
+
+
+def _size_bin(side: int) -> str:
+    for lo, hi in zip(SIZE_BINS, SIZE_BINS[1:]):
+        if lo <= side < hi:
+            return f"{lo}-{hi - 1}"
+    return f">={SIZE_BINS[-1]}"
+
+
+def failures(run_dir: Path, examples: int = 3) -> dict:
+    counts: collections.Counter[str] = collections.Counter()
+    samples: dict[str, list[dict]] = collections.defaultdict(list)
+    for _, _, parquet, _ in _shard_files(run_dir):
+        table = pq.read_table(
+            parquet, columns=["key", "url", "status", "error_type", "error_message"]
+        )
+        for row in table.filter(pc.not_equal(table["status"], "success")).to_pylist():
+            counts[row["error_type"]] += 1
+            if len(samples[row["error_type"]]) < examples:
+                samples[row["error_type"]].append(
+                    {"key": row["key"], "url": row["url"], "error_message": row["error_message"]}
+                )
+    return {
+        "failures": [
+            {"error_type": kind, "count": n, "examples": samples[kind]}
+            for kind, n in counts.most_common()
+        ]
+    }
+
+
+def validate(run_dir: Path) -> dict:
+    """Every tar against its parquet: same keys, count, image sizes and metadata hashes."""
+    problems: list[str] = []
+    checked = 0
+    for index, tar, parquet, stats_path in _shard_files(run_dir):
+        name = f"{index:05d}"
+        if not tar.exists() or not parquet.exists():
+            problems.append(f"{name}: tar or parquet missing")
+            continue
+        problems += _validate_shard(name, tar, parquet, read_stats(stats_path))
+        checked += 1
+    return {"ok": not problems, "shards_checked": checked, "problems": problems}
+
+
+def _validate_shard(name: str, tar: Path, parquet: Path, stats: dict) -> list[str]:
+    problems = []
+    table = pq.read_table(parquet)
+    if table.num_rows != stats["count"]:
+        problems.append(f"{name}: parquet has {table.num_rows} rows, stats say {stats['count']}")
+    expected = {r["key"]: r for r in table.to_pylist() if r["status"] == "success"}
+    try:
+        found = dict(iter_tar_samples(tar))
+    except Exception as exc:
+        return problems + [f"{name}: unreadable tar: {exc}"]
+    for key in sorted(set(expected) - set(found)):
+        problems.append(f"{name}: {key} in parquet but not in tar")
+    for key in sorted(set(found) - set(expected)):
+        problems.append(f"{name}: {key} in tar but not a success in parquet")
+    for key in sorted(set(found) & set(expected)):
+        problems += _validate_sample(name, key, found[key], expected[key])
+    return problems
+
+
+def _validate_sample(name: str, key: str, files: dict[str, bytes], row: dict) -> list[str]:
+    if set(files) != {"jpg", "json"}:
+        return [f"{name}: {key} has members {sorted(files)}, expected jpg + json"]
+    try:
+        meta = json.loads(files["json"])
+        with Image.open(io.BytesIO(files["jpg"])) as img:
+            img.load()
+            size = img.size
+    except Exception as exc:
+        return [f"{name}: {key} does not decode: {type(exc).__name__}: {exc}"]
+    problems = []
+    if size != (row["width"], row["height"]):
+        problems.append(
+            f"{name}: {key} image is {size}, parquet says {(row['width'], row['height'])}"
+        )
+    for column in ("sha256", "url", "width", "height", "bytes"):
+        if meta.get(column) != row[column]:
+            problems.append(
+                f"{name}: {key} json {column}={meta.get(column)!r} != parquet {row[column]!r}"
+            )
+    if row["jpg_sha256"] != hashlib.sha256(files["jpg"]).hexdigest():
+        problems.append(f"{name}: {key} jpg bytes do not match their recorded hash")
+    return problems
+
+
+def render(action: str, report: dict) -> str:
+    if action == "shards":
+        lines = [f"{'shard':>5} {'rows':>7} {'ok':>7} {'failed':>7} {'tar MB':>8} {'s':>7}"]
+        for r in report["shards"]:
+            lines.append(
+                f"{r['shard']:>5} {r['count']:>7} {r['successes']:>7} {r['failures']:>7} "
+                f"{r['tar_bytes'] / 1e6:>8.1f} {r['duration_s']:>7.1f}"
+            )
+        return "\n".join(lines)
+    if action == "failures":
+        lines = []
+        for f in report["failures"]:
+            lines.append(f"{f['error_type']}: {f['count']}")
+            lines += [f"    {e['url']}  ({e['error_message']})" for e in f["examples"]]
+        return "\n".join(lines) or "no failures"
+    if action == "validate":
+        head = f"{'OK' if report['ok'] else 'MISMATCH'}: {report['shards_checked']} shards checked"
+        return "\n".join([head] + report["problems"])
+    return "\n".join(f"{k}: {json.dumps(v)}" for k, v in report.items())

@@ -1,0 +1,251 @@
+"""A simulated web for tests, the demo and the benchmark, served from 127.0.0.1.
+
+``build_web`` makes images from the real photographs bundled with scikit-image (random crops,
+sizes 300-1600 px, colour changes) and plants exact duplicates (same bytes, another URL) and
+near duplicates (re-encoded, slightly rescaled copies whose pHash stays within the threshold).
+``ImageServer`` serves them from memory with a threaded HTTP/1.1 server, plus fault endpoints:
+
+    /fault/404  /fault/500-then-ok/<id>  /fault/slow  /fault/truncated.jpg  /fault/html
+    /fault/empty  /fault/bomb.png  /fault/loop-a  /fault/big  /fault/robots  /fault/redirect
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from pipeline.config import CrawlConfig
+from pipeline.imaging import process_image
+
+PHOTOS = ("astronaut", "camera", "cat", "chelsea", "coffee", "coins", "horse", "hubble_deep_field",
+          "immunohistochemistry", "moon", "page", "retina", "rocket", "text", "brick", "grass",
+          "gravel", "clock", "colorwheel", "logo", "microaneurysms")  # fmt: skip
+FAULTS = ("404", "500-then-ok/1", "slow", "truncated.jpg", "html", "empty", "bomb.png",
+          "loop-a", "big", "robots", "redirect")  # fmt: skip
+
+
+def load_photos() -> list[Image.Image]:
+    """The scikit-image photographs that ship inside its wheel (no download), as RGB."""
+    import skimage.data
+
+    photos = []
+    for name in PHOTOS:
+        try:
+            array = getattr(skimage.data, name)()
+        except Exception:  # some need a download: skip them
+            continue
+        if array.dtype != np.uint8:
+            array = array.astype(np.float64)
+            array = (255 * (array - array.min()) / max(np.ptp(array), 1e-9)).astype(np.uint8)
+        photos.append(Image.fromarray(array).convert("RGB"))
+    return photos
+
+
+@dataclass
+class SimWeb:
+    images: dict[str, bytes]  # path -> JPEG bytes
+    exact_duplicates: dict[str, str] = field(default_factory=dict)  # copy path -> original path
+    near_duplicates: dict[str, str] = field(default_factory=dict)
+    broken: list[str] = field(default_factory=list)  # paths that fail (404)
+
+    def paths(self) -> list[str]:
+        return sorted(self.images) + self.broken
+
+
+def _random_image(photo: Image.Image, rng: random.Random) -> Image.Image:
+    w, h = photo.size
+    cw, ch = int(w * rng.uniform(0.4, 1.0)), int(h * rng.uniform(0.4, 1.0))
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    img = photo.crop((left, top, left + cw, top + ch))
+    side = rng.randint(300, 1600)
+    scale = side / max(img.size)
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+    img = ImageEnhance.Color(img).enhance(rng.uniform(0.3, 1.7))
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.7, 1.3))
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+def _jpeg(img: Image.Image, quality: int) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def build_web(n_images: int, seed: int = 0, n_exact: int = 0, n_near: int = 0, n_broken: int = 0,
+              crawl: CrawlConfig | None = None, min_distance: int = 12) -> SimWeb:  # fmt: skip
+    """Distinct images (pHash at least ``min_distance`` bits apart after the crawl's resize),
+    plus planted duplicates and broken URLs."""
+    crawl = crawl or CrawlConfig()
+    rng = random.Random(seed)
+    photos = load_photos()
+    images: dict[str, bytes] = {}
+    hashes: list[int] = []
+    while len(images) < n_images:
+        data = _jpeg(_random_image(rng.choice(photos), rng), rng.randint(80, 95))
+        h = process_image(data, crawl).phash
+        if hashes and _min_hamming(h, hashes) < min_distance:
+            continue  # too close to one already made: it would be an accidental near duplicate
+        hashes.append(h)
+        images[f"img/{len(images):06d}.jpg"] = data
+    web = SimWeb(images)
+    originals = sorted(images)
+    for i in range(n_exact):
+        web.exact_duplicates[f"img/exact-{i:04d}.jpg"] = originals[i % len(originals)]
+    for i in range(n_near):
+        original = originals[-1 - (i % len(originals))]
+        web.near_duplicates[f"img/near-{i:04d}.jpg"] = original
+    for copy, original in web.exact_duplicates.items():
+        images[copy] = images[original]
+    for copy, original in web.near_duplicates.items():
+        images[copy] = _near_copy(images[original], crawl)
+    web.broken = [f"missing/{i:04d}.jpg" for i in range(n_broken)]
+    return web
+
+
+def _near_copy(data: bytes, crawl: CrawlConfig) -> bytes:
+    """Rescaled by 90% and re-encoded at another quality: new bytes, same picture."""
+    img = Image.open(io.BytesIO(data))
+    smaller = img.resize(
+        (round(img.width * 0.9), round(img.height * 0.9)), Image.Resampling.LANCZOS
+    )
+    return _jpeg(smaller, 70)
+
+
+def _min_hamming(h: int, hashes: list[int]) -> int:
+    arr = np.array(hashes, dtype=np.uint64) ^ np.uint64(h)
+    bits = np.unpackbits(arr.view(np.uint8)).reshape(len(hashes), 64).sum(axis=1)
+    return int(bits.min())
+
+
+def fault_bodies() -> dict[str, bytes]:
+    """Bodies of the fault endpoints that need one."""
+    good = _jpeg(Image.new("RGB", (400, 300), (200, 30, 30)), 90)
+    bomb = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(bomb, format="PNG")  # 144 Mpx in ~20 kB
+    return {"image": good, "bomb": bomb.getvalue(), "big": good + b"\0" * 3_000_000}
+
+
+class ImageServer:
+    """Threaded HTTP/1.1 server on 127.0.0.1 serving a SimWeb from memory, with fault paths."""
+
+    def __init__(self, web: SimWeb | None = None, slow_s: float = 3.0, port: int = 0) -> None:
+        self.images = dict(web.images) if web else {}
+        self.faults = fault_bodies()
+        self.slow_s = slow_s
+        self.hits: dict[str, int] = {}
+        self._lock = threading.Lock()
+        handler = type("Handler", (_Handler,), {"site": self})
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> ImageServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}/{path}"
+
+    def count_hit(self, path: str) -> int:
+        with self._lock:
+            self.hits[path] = self.hits.get(path, 0) + 1
+            return self.hits[path]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    site: ImageServer
+
+    def log_message(self, *args) -> None:  # keep test and bench output quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.lstrip("/").split("?")[0]
+        hits = self.site.count_hit(path)
+        body = self.site.images.get(path)
+        if body is not None:
+            return self._send(200, body, "image/jpeg")
+        if path.startswith("fault/"):
+            return self._fault(path[len("fault/") :], hits)
+        self._send(404, b"not found", "text/plain")
+
+    def _fault(self, name: str, hits: int) -> None:
+        faults = self.site.faults
+        if name.startswith("500-then-ok"):
+            return (
+                self._send(500, b"oops", "text/plain")
+                if hits == 1
+                else self._send(200, faults["image"], "image/jpeg")
+            )
+        if name == "slow":
+            time.sleep(self.site.slow_s)
+            return self._send(200, faults["image"], "image/jpeg")
+        if name == "truncated.jpg":
+            return self._send(200, faults["image"][: len(faults["image"]) // 2], "image/jpeg")
+        if name == "html":
+            return self._send(200, b"<html><body>not an image</body></html>", "text/html")
+        if name == "empty":
+            return self._send(200, b"", "image/jpeg")
+        if name == "bomb.png":
+            return self._send(200, faults["bomb"], "image/png")
+        if name in ("loop-a", "loop-b"):
+            return self._send(
+                302,
+                b"",
+                "text/plain",
+                {"Location": "/fault/loop-" + ("b" if name == "loop-a" else "a")},
+            )
+        if name == "big":
+            return self._send(200, faults["big"], "image/jpeg")
+        if name == "robots":
+            return self._send(
+                200, faults["image"], "image/jpeg", {"X-Robots-Tag": "otherbot: noai, noimageai"}
+            )
+        if name == "redirect":
+            return self._send(302, b"", "text/plain", {"Location": "/fault/robots-free"})
+        if name == "robots-free":
+            return self._send(200, faults["image"], "image/jpeg")
+        self._send(404, b"unknown fault", "text/plain")
+
+    def _send(self, status: int, body: bytes, ctype: str, headers: dict | None = None) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the crawler hung up (byte cap, timeout): expected
+
+
+def save_web(web: SimWeb, directory: Path) -> None:
+    """Store a built web (images + planted.json) so a server process can load it."""
+    (directory / "img").mkdir(parents=True, exist_ok=True)
+    for path, data in web.images.items():
+        (directory / path).write_bytes(data)
+    planted = {"exact": web.exact_duplicates, "near": web.near_duplicates, "broken": web.broken}
+    (directory / "planted.json").write_text(json.dumps(planted, indent=1))
+
+
+def load_web(directory: Path) -> SimWeb:
+    planted = json.loads((directory / "planted.json").read_text())
+    images = {f"img/{p.name}": p.read_bytes() for p in sorted((directory / "img").iterdir())}
+    return SimWeb(images, planted["exact"], planted["near"], planted["broken"])

@@ -1,0 +1,78 @@
+"""Each fault endpoint of the loopback server is recorded with its reason, and none is fatal."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.crawl import crawl_shard
+from pipeline.shardio import iter_tar_samples, read_stats
+
+EXPECTED = {
+    "fault/404": ("failed", "http_error", 404),
+    "fault/500-then-ok/1": ("success", None, 200),
+    "fault/slow": ("failed", "timeout", None),
+    "fault/truncated.jpg": ("failed", "decode_error", 200),
+    "fault/html": ("failed", "not_image", 200),
+    "fault/empty": ("failed", "empty_body", 200),
+    "fault/bomb.png": ("failed", "decompression_bomb", 200),
+    "fault/loop-a": ("failed", "redirect_loop", 302),
+    "fault/big": ("failed", "too_large", 200),
+    "fault/robots": ("failed", "robots_opt_out", 200),
+    "fault/redirect": ("success", None, 200),
+}
+
+
+def test_every_fault_is_recorded_and_the_shard_completes(image_server, crawl_cfg, tmp_path):
+    urls = [image_server.url(p) for p in EXPECTED] + [image_server.url("img/000000.jpg")]
+    urls += ["ftp://127.0.0.1/x.jpg", "http://[not-a-host/x.jpg", "", "javascript:alert(1)"]
+    table = pa.table({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]})
+    stats = crawl_shard(table, 0, tmp_path, crawl_cfg)
+
+    rows = {r["url"]: r for r in pq.read_table(tmp_path / "00000.parquet").to_pylist()}
+    assert len(rows) == len(urls) and stats["count"] == len(urls)
+    for path, (status, error_type, http_status) in EXPECTED.items():
+        row = rows[image_server.url(path)]
+        assert (row["status"], row["error_type"]) == (status, error_type), (path, row)
+        if http_status is not None:
+            assert row["http_status"] == http_status, (path, row)
+        if status == "failed":
+            assert row["error_message"], path
+    assert rows["ftp://127.0.0.1/x.jpg"]["error_type"] == "bad_scheme"
+    assert rows["javascript:alert(1)"]["error_type"] == "bad_scheme"
+    assert rows["http://[not-a-host/x.jpg"]["error_type"] == "bad_url"
+    assert rows[""]["error_type"] == "bad_url"
+    # Retried exactly once after the 500; 4xx never retried.
+    assert image_server.hits["fault/500-then-ok/1"] == 2
+    assert image_server.hits["fault/404"] == 1
+    # The tar holds exactly the successes, with carried columns in their JSON.
+    samples = dict(iter_tar_samples(tmp_path / "00000.tar"))
+    successes = {r["key"] for r in rows.values() if r["status"] == "success"}
+    assert set(samples) == successes and len(successes) == 3
+    assert read_stats(tmp_path / "00000.stats.json")["errors"]["http_error"] == 1
+
+
+def test_private_and_metadata_addresses_refused_unless_allowed(image_server, crawl_cfg, tmp_path):
+    crawl_cfg.allow_private_networks = False
+    before = image_server.hits.get("img/000001.jpg", 0)
+    urls = [image_server.url("img/000001.jpg"), "http://169.254.169.254/latest/meta-data/",
+            "http://localhost:9/x.jpg", "http://10.0.0.1/x.jpg", "http://[::1]:80/x.jpg"]  # fmt: skip
+    crawl_shard(pa.table({"url": urls}), 3, tmp_path, crawl_cfg)
+    rows = pq.read_table(tmp_path / "00003.parquet").to_pylist()
+    assert [r["error_type"] for r in rows] == ["blocked_address"] * len(urls)
+    assert image_server.hits.get("img/000001.jpg", 0) == before  # refused before connecting
+
+
+def test_redirect_to_private_address_is_refused(crawl_cfg):
+    from pipeline.fetch import is_public_address
+
+    for ip in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1", "fd00::1",
+               "::ffff:127.0.0.1", "0.0.0.0", "224.0.0.1"):  # fmt: skip
+        assert not is_public_address(ip), ip
+    assert is_public_address("8.8.8.8") and is_public_address("2606:4700::1111")
+
+
+def test_robots_directives_can_be_ignored(image_server, crawl_cfg, tmp_path):
+    crawl_cfg.respect_robots_header = False
+    crawl_shard(pa.table({"url": [image_server.url("fault/robots")]}), 0, tmp_path, crawl_cfg)
+    assert pq.read_table(tmp_path / "00000.parquet")["status"].to_pylist() == ["success"]
