@@ -43,6 +43,8 @@ class DataConfig:
     batch_size_per_rank: int = 64
     num_workers: int = 4
     shuffle_buffer: int = 1000
+    # Each loader stream restarts its RNG every this many batches: bounds the skip on resume.
+    reseed_every: int = 500
     image_key: str = "jpg;jpeg;png;webp"
 
 

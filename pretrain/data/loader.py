@@ -271,4 +271,52 @@ def build_loader(dataset: ShardStream, num_workers: int) -> DataLoader:
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
+        # Own generator: creating the iterator must not draw from the training RNG.
+        generator=torch.Generator().manual_seed(0),
     )
+
+
+def build_pretrain_loader(
+    cfg: Any, *, rank: int, world_size: int, start_batch: int
+) -> tuple[DataLoader, int]:
+    """Multi-crop + masking batches for this rank from `cfg.data.shards` (a TrainConfig).
+
+    Returns the loader and the number of shards found.
+    """
+    from functools import partial
+
+    from pretrain.data import DataAugmentationDINO, MaskingGenerator, collate_data_and_cast
+
+    shards = resolve_shards(cfg.data.shards)
+    crops, loss = cfg.crops, cfg.loss
+    augment = DataAugmentationDINO(
+        global_crops_scale=tuple(crops.global_crops_scale),
+        local_crops_scale=tuple(crops.local_crops_scale),
+        local_crops_number=crops.local_crops_number,
+        global_crops_size=crops.global_crops_size,
+        local_crops_size=crops.local_crops_size,
+        blur_probs=tuple(crops.blur_probs),
+        solarize_prob=crops.solarize_prob,
+    )
+    side = crops.global_crops_size // cfg.model.patch_size
+    collate = partial(
+        collate_data_and_cast,
+        mask_ratio_tuple=tuple(loss.mask_ratio_min_max),
+        mask_probability=loss.mask_probability,
+        n_tokens=side * side,
+        mask_generator=MaskingGenerator((side, side), max_num_patches=0.5 * side * side),
+    )
+    dataset = ShardStream(
+        shards,
+        sample_transform=augment,
+        batch_collate=collate,
+        batch_size=cfg.data.batch_size_per_rank,
+        seed=cfg.train.seed,
+        rank=rank,
+        world_size=world_size,
+        n_streams=max(1, cfg.data.num_workers),
+        start_batch=start_batch,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        reseed_every=cfg.data.reseed_every,
+    )
+    return build_loader(dataset, cfg.data.num_workers), len(shards)
