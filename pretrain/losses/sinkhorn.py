@@ -27,13 +27,16 @@ def sinkhorn_knopp(
     n_prototypes = q.shape[0]
     total = torch.as_tensor(global_batch, dtype=q.dtype, device=q.device)
 
+    # A prototype whose exp() underflowed everywhere has a zero sum: clamping keeps it at zero
+    # instead of dividing 0 by 0.
+    tiny = torch.finfo(q.dtype).tiny
     q /= all_reduce_(q.sum())
     for _ in range(n_iterations):
         # Each prototype gets total mass 1/K over the global batch...
-        q /= all_reduce_(q.sum(dim=1, keepdim=True))
+        q /= all_reduce_(q.sum(dim=1, keepdim=True)).clamp_(min=tiny)
         q /= n_prototypes
         # ...and each sample total mass 1/B.
-        q /= q.sum(dim=0, keepdim=True)
+        q /= q.sum(dim=0, keepdim=True).clamp_(min=tiny)
         q /= total
     q *= total  # every sample's assignment now sums to 1
     return q.t()  # [B, K]
