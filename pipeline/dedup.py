@@ -55,7 +55,7 @@ def near_pairs(hashes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarr
     index.add(codes)
     # range_search keeps distances strictly below the radius.
     lims, distances, labels = index.range_search(codes, threshold + 1)
-    queries = np.repeat(np.arange(len(hashes)), np.diff(lims))
+    queries = np.repeat(np.arange(len(hashes)), np.diff(lims).astype(np.int64))
     keep = queries < labels
     return queries[keep], labels[keep], distances[keep]
 

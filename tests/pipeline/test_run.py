@@ -1,0 +1,155 @@
+"""End to end through the CLI on the shared Ray cluster: shards, manifests, dedup, validate,
+resume after SIGKILL, retry_failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = str(REPO / "configs/pipeline/crawl.yaml")
+
+
+def _cli(*args: str, address: str | None = None, **popen) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if address:
+        env["RAY_ADDRESS"] = address
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=240, **popen)  # fmt: skip
+
+
+def _run_args(urls: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", CONFIG, f"input.urls={urls}", f"output_dir={out}", "crawl.shard_size=16",
+            "crawl.allow_private_networks=true", "crawl.threads_per_task=8", *extra]  # fmt: skip
+
+
+def _successful_keys(run_dir: Path) -> dict[str, str]:
+    keys = {}
+    for parquet in sorted((run_dir / "crawl").glob("*.parquet")):
+        for row in pq.read_table(parquet, columns=["key", "url", "status"]).to_pylist():
+            if row["status"] == "success":
+                keys[row["key"]] = row["url"]
+    return keys
+
+
+def test_crawl_dedup_manifest(image_server, small_web, url_file, ray_address, tmp_path):
+    paths = small_web.paths()
+    urls = url_file(tmp_path / "urls.parquet", [image_server.url(p) for p in paths],
+                    caption=[f"caption {p}" for p in paths])  # fmt: skip
+    out = tmp_path / "run"
+    result = _cli(*_run_args(urls, out), address=ray_address)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    n = len(paths)  # 48 images + 3 broken -> 4 shards of <= 16
+    assert sorted(p.name for p in (out / "crawl").glob("*.stats.json")) == [
+        f"{i:05d}.stats.json" for i in range(4)
+    ]
+    table = pq.read_table(sorted((out / "crawl").glob("*.parquet")))
+    assert table.num_rows == n and table["caption"].to_pylist()[0] == f"caption {paths[0]}"
+    assert table["status"].to_pylist().count("success") == n - 3
+    assert (out / "config.yaml").exists()
+
+    # Dedup: exactly the planted duplicates, each pointing at its original.
+    url_of = dict(zip(table["key"].to_pylist(), table["url"].to_pylist()))
+    dedup = pq.read_table(out / "dedup" / "dedup.parquet").to_pylist()
+    found = {
+        url_of[r["key"]]: (url_of[r["duplicate_of"]], r["reason"])
+        for r in dedup
+        if r["duplicate_of"]
+    }
+    planted = {
+        image_server.url(c): (image_server.url(o), "exact")
+        for c, o in small_web.exact_duplicates.items()
+    }
+    planted |= {
+        image_server.url(c): (image_server.url(o), "near")
+        for c, o in small_web.near_duplicates.items()
+    }
+    assert found == planted
+
+    summary = json.loads(_cli("manifest", "summary", str(out), "--json").stdout)
+    assert summary["rows"] == n and summary["by_error"] == {"http_error": 3}
+    assert summary["dedup"]["exact_duplicates"] == 4 and summary["dedup"]["near_duplicates"] == 4
+    shards = json.loads(_cli("manifest", "shards", str(out), "--json").stdout)["shards"]
+    assert [s["count"] for s in shards] == [16, 16, 16, 3]
+    failures = json.loads(_cli("manifest", "failures", str(out), "--json").stdout)["failures"]
+    assert failures[0]["error_type"] == "http_error" and failures[0]["count"] == 3
+    assert _cli("manifest", "validate", str(out)).returncode == 0
+
+    _tamper(out / "crawl" / "00001.tar")
+    check = _cli("manifest", "validate", str(out), "--json")
+    assert check.returncode == 1
+    problems = json.loads(check.stdout)["problems"]
+    assert problems and all(p.startswith("00001") for p in problems)
+
+
+def _tamper(tar_path: Path) -> None:
+    """Replace one image's bytes with a re-encoded copy of the same size class."""
+    members = []
+    with tarfile.open(tar_path) as tar:
+        for m in tar:
+            members.append((m, tar.extractfile(m).read()))
+    first_jpg = next(i for i, (m, _) in enumerate(members) if m.name.endswith(".jpg"))
+    m, data = members[first_jpg]
+    members[first_jpg] = (m, data[:-10] + b"\0" * 10)
+    with tarfile.open(tar_path, "w") as tar:
+        for m, data in members:
+            m.size = len(data)
+            import io
+
+            tar.addfile(m, io.BytesIO(data))
+
+
+def test_resume_after_sigkill_gives_the_same_keys(
+    image_server, small_web, url_file, ray_address, tmp_path, wait
+):
+    paths = small_web.paths() * 2  # 102 rows -> 7 shards
+    urls = url_file(tmp_path / "urls.parquet", [image_server.url(p) for p in paths])
+    reference = tmp_path / "reference"
+    assert (
+        _cli(
+            *_run_args(urls, reference, "ray.max_tasks_in_flight=1"), address=ray_address
+        ).returncode
+        == 0
+    )
+
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS=ray_address)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *_run_args(urls, killed, "ray.max_tasks_in_flight=1")],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    assert wait(lambda: len(list((killed / "crawl").glob("*.stats.json"))) >= 2, timeout_s=120)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((killed / "crawl").glob("*.stats.json")))
+    assert done_before < 7, "the kill came too late to test anything"
+
+    rerun = _cli(*_run_args(urls, killed, "ray.max_tasks_in_flight=1"), address=ray_address)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout)["skipped_shards"] >= done_before
+    assert _successful_keys(killed) == _successful_keys(reference)
+    assert len(_successful_keys(reference)) == 2 * (len(small_web.images))
+    assert not list((killed / "crawl").glob(".*.tmp"))
+    assert _cli("manifest", "validate", str(killed)).returncode == 0
+
+
+def test_retry_failed_reattempts_failed_rows(image_server, url_file, ray_address, tmp_path):
+    urls = [image_server.url("img/000002.jpg"), image_server.url("fault/500-then-ok/retry-test"),
+            image_server.url("fault/404")]  # fmt: skip
+    url_path = url_file(tmp_path / "urls.parquet", urls)
+    out = tmp_path / "run"
+    first = _cli(*_run_args(url_path, out, "crawl.retries=0"), address=ray_address)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _successful_keys(out) == {"000000000": urls[0]}
+    hits_before = image_server.hits["img/000002.jpg"]
+    again = _cli(*_run_args(url_path, out, "crawl.retry_failed=true"), address=ray_address)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _successful_keys(out) == {"000000000": urls[0], "000000001": urls[1]}
+    assert image_server.hits["img/000002.jpg"] == hits_before  # successes reused, not refetched
+    assert _cli("manifest", "validate", str(out)).returncode == 0
