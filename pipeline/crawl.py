@@ -84,6 +84,7 @@ def crawl_shard(
     old tar and only the failed rows are fetched again.
     """
     started = time.time()
+    crawl_dir.mkdir(parents=True, exist_ok=True)
     paths = shard_paths(crawl_dir, shard_index)
     width = key_width_for(cfg.shard_size)
     previous = _previous_results(paths) if paths["stats"].exists() else {}

@@ -78,6 +78,8 @@ def _url_batches(cfg: InputConfig, check_only: bool) -> Iterator[pa.RecordBatch]
         raise InputError(
             f"input.urls {path}: unknown format {path.suffix!r}, expected {sorted(URL_FORMATS)}"
         )
+    if path.stat().st_size == 0:
+        raise InputError(f"input.urls {path} is an empty file: it holds no rows")
     try:
         for batch in _read_format(path, fmt):
             yield _select(batch, cfg, path, check_only)

@@ -32,21 +32,32 @@ def image_server(small_web):
 
 
 @pytest.fixture(scope="session")
-def ray_address(tmp_path_factory):
-    """One real local Ray cluster (`ray start --head`) shared by every test that needs Ray."""
+def ray_head(tmp_path_factory):
+    """One real Ray head node (`ray start --head` on 127.0.0.1) shared by every Ray test:
+    yields (GCS address, dashboard URL for `ray job submit`)."""
     temp = tmp_path_factory.mktemp("ray")
-    port = _free_port()
+    port, dashboard_port = _free_port(), _free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    env = dict(os.environ)
+    # Job drivers run `python` from PATH: make it this virtualenv's.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={_free_port()}", "--disable-usage-stats", f"--temp-dir={temp}"]  # fmt: skip
+           f"--dashboard-port={dashboard_port}", "--disable-usage-stats", f"--temp-dir={temp}"]  # fmt: skip
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
-    address = f"127.0.0.1:{port}"
     try:
-        yield address
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_head):
+    return ray_head[0]
+
+
+@pytest.fixture(scope="session")
+def ray_dashboard(ray_head):
+    return ray_head[1]
 
 
 @pytest.fixture

@@ -1,0 +1,51 @@
+"""The multi-hash index finds exactly the pairs a brute-force scan finds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.dedup import find_duplicates, near_pairs
+
+
+def _brute_force(hashes: np.ndarray, threshold: int) -> set[tuple[int, int]]:
+    x = hashes[:, None] ^ hashes[None, :]
+    dist = np.unpackbits(x.view(np.uint8), axis=-1).reshape(len(hashes), len(hashes), 64).sum(-1)
+    i, j = np.nonzero(np.triu(dist <= threshold, k=1))
+    return set(zip(i.tolist(), j.tolist()))
+
+
+@pytest.mark.parametrize("threshold", [0, 2, 4, 7])
+def test_index_matches_brute_force(threshold):
+    rng = np.random.default_rng(threshold)
+    base = rng.integers(0, 2**63, size=300, dtype=np.uint64) * np.uint64(2) + rng.integers(
+        0, 2, 300, dtype=np.uint64
+    )
+    flips = [np.uint64(1) << np.uint64(b) for b in range(64)]
+    near = []
+    for h in base[:100]:  # copies at distance 1..threshold+2: some inside, some outside
+        d = int(rng.integers(1, threshold + 3))
+        for b in rng.choice(64, size=d, replace=False):
+            h = h ^ flips[b]
+        near.append(h)
+    hashes = np.concatenate([base, np.array(near, dtype=np.uint64)])
+    i, j, _ = near_pairs(hashes, threshold)
+    assert set(zip(i.tolist(), j.tolist())) == _brute_force(hashes, threshold)
+
+
+def test_survivor_is_the_smallest_key_and_reasons_are_recorded():
+    table = pa.table({
+        "key": ["a", "b", "c", "d", "e"],
+        "sha256": ["x", "y", "x", "z", "w"],
+        "phash": pa.array([0, 0b111, 0, 2**40, 2**64 - 1], pa.uint64()),
+    })  # fmt: skip
+    result = find_duplicates(table, 4).to_pylist()
+    by_key = {r["key"]: (r["duplicate_of"], r["reason"], r["distance"]) for r in result}
+    assert by_key == {
+        "a": (None, None, None),
+        "b": ("a", "near", 3),
+        "c": ("a", "exact", 0),
+        "d": ("a", "near", 1),
+        "e": (None, None, None),
+    }

@@ -1,0 +1,143 @@
+"""Input formats, carried columns, local sources, and bad input rejected before any work."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.cli import prepare_run
+from pipeline.config import CrawlConfig, InputConfig
+from pipeline.crawl import crawl_shard
+from pipeline.sources import InputError, check_input, iter_shards
+from pretrain.configtools import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = str(REPO / "configs/pipeline/crawl.yaml")
+URLS = [f"http://example.com/{i}.jpg" for i in range(25)]
+
+
+def _write(path: Path, fmt: str) -> Path:
+    if fmt == "parquet":
+        pq.write_table(pa.table({"link": URLS, "caption": [f"c{i}" for i in range(25)]}), path)
+    elif fmt == "csv":
+        path.write_text("link,caption\n" + "".join(f"{u},c{i}\n" for i, u in enumerate(URLS)))
+    elif fmt == "jsonl":
+        path.write_text(
+            "".join(json.dumps({"link": u, "caption": f"c{i}"}) + "\n" for i, u in enumerate(URLS))
+        )
+    else:
+        path.write_text("\n".join(URLS) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl", "txt"])
+def test_formats_shard_and_carry_columns(fmt, tmp_path):
+    path = _write(tmp_path / f"urls.{fmt}", fmt)
+    cfg = InputConfig(urls=str(path), url_column="url" if fmt == "txt" else "link")
+    assert check_input(cfg) == 25
+    shards = list(iter_shards(cfg, 10))
+    assert [i for i, _ in shards] == [0, 1, 2]
+    assert [t.num_rows for _, t in shards] == [10, 10, 5]
+    merged = pa.concat_tables([t for _, t in shards])
+    assert merged["url"].to_pylist() == URLS
+    if fmt != "txt":
+        assert merged["caption"].to_pylist() == [f"c{i}" for i in range(25)]
+
+
+@pytest.mark.parametrize(
+    "content, overrides, message",
+    [
+        (None, [], "not found"),
+        ("", [], "holds no rows"),
+        ("link,caption\n", ["input.url_column=link"], "holds no rows"),
+        ("a,b\n1,2\n", [], "no column 'url'"),
+        ('{"url": "http://x/1.jpg"}\nnot json\n', [], "line 2 is not valid JSON"),
+        ("url\nhttp://x/1.jpg\n", ["crawl.shard_sise=5"], "shard_sise"),
+        ("url\nhttp://x/1.jpg\n", ["crawl.resize_mode=stretch"], "resize_mode"),
+        ("url\nhttp://x/1.jpg\n", ["crawl.image_size=big"], "image_size"),
+    ],
+)
+def test_bad_input_is_a_clear_error_before_any_work(content, overrides, message, tmp_path):
+    suffix = ".jsonl" if content and content.startswith("{") else ".csv"
+    path = tmp_path / f"urls{suffix}"
+    if content is not None:
+        path.write_text(content)
+    args = [f"input.urls={path}", f"output_dir={tmp_path / 'run'}", *overrides]
+    with pytest.raises((InputError, ConfigError)) as exc:
+        prepare_run(CONFIG, args)
+    assert message in str(exc.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_bad_input_with_exit_code_2_and_starts_no_ray(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", CONFIG, f"input.urls={tmp_path}/nope.parquet",
+         f"output_dir={tmp_path / 'run'}"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "input.urls file not found" in run.stderr and "Ray" not in run.stderr
+
+
+def test_resume_with_other_shard_size_is_refused(tmp_path):
+    path = _write(tmp_path / "urls.txt", "txt")
+    args = [f"input.urls={path}", f"output_dir={tmp_path / 'run'}"]
+    cfg, _ = prepare_run(CONFIG, args)
+    from pretrain.configtools import save_config
+
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    with pytest.raises(ConfigError, match="different crawl.shard_size"):
+        prepare_run(CONFIG, [*args, "crawl.shard_size=7"])
+
+
+def _image(color) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (320, 200), color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_folder_and_tar_sources(tmp_path):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    for i, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        (folder / ("sub" if i else "") / f"{i}.png").write_bytes(_image(color))
+    (folder / "notes.txt").write_text("ignored")
+    tar_path = tmp_path / "src-000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i in range(2):
+            data = _image((i * 100, 50, 50))
+            info = tarfile.TarInfo(f"sample{i}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            meta = tarfile.TarInfo(f"sample{i}.txt")
+            meta.size = 2
+            tar.addfile(meta, io.BytesIO(b"hi"))
+    cfg = CrawlConfig(image_size=64)
+    for index, (kind, source) in enumerate(
+        [("folder", str(folder)), ("tars", str(tmp_path / "src-*.tar"))]
+    ):
+        inp = InputConfig(
+            kind=kind,
+            folder=source if kind == "folder" else "",
+            tars=source if kind == "tars" else "",
+        )
+        ((_, table),) = list(iter_shards(inp, 100))
+        crawl_shard(table, index, tmp_path / "out", cfg, kind)
+        rows = pq.read_table(tmp_path / "out" / f"{index:05d}.parquet").to_pylist()
+        assert [r["status"] for r in rows] == ["success"] * (3 if kind == "folder" else 2)
+        assert {(r["width"], r["height"]) for r in rows} == {(102, 64)}
+    with pytest.raises(InputError, match="not a directory"):
+        check_input(InputConfig(kind="folder", folder=str(tmp_path / "missing")))
+    with pytest.raises(InputError, match="matches no files"):
+        check_input(InputConfig(kind="tars", tars=str(tmp_path / "none-*.tar")))
