@@ -31,7 +31,7 @@ class CrawlConfig:
     shard_size: int = 10000
     allow_private_networks: bool = False
     retry_failed: bool = False
-    threads_per_task: int = 32
+    threads_per_task: int = 16
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 10.0
     retries: int = 2

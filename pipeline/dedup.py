@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -48,6 +47,8 @@ def load_successes(crawl_dir: Path) -> pa.Table:
 
 def near_pairs(hashes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs (i < j) with Hamming distance <= threshold, via a multi-hash index."""
+    import faiss  # imported here: the crawl itself never needs it
+
     codes = hashes.astype(">u8").view(np.uint8).reshape(-1, 8)  # (N, 8) bytes per hash
     n_substrings = threshold + 1
     bits_per_substring = 64 // n_substrings

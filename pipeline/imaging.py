@@ -99,9 +99,11 @@ def _resize(img: Image.Image, want: tuple[int, int], size: int, mode: str) -> Im
     if mode == "no":
         return img
     if img.size != want:
+        # Pillow's resize filters antialias when shrinking; after draft decoding the remaining
+        # factor is below 2, where bilinear is clearly faster than bicubic at no visible cost.
         shrinking = want[0] < img.width
-        method = Image.Resampling.BICUBIC if shrinking else Image.Resampling.LANCZOS
-        img = img.resize(want, method, reducing_gap=3.0 if shrinking else None)
+        method = Image.Resampling.BILINEAR if shrinking else Image.Resampling.LANCZOS
+        img = img.resize(want, method)
     if mode == "center_crop":
         left, top = (img.width - size) // 2, (img.height - size) // 2
         img = img.crop((left, top, left + size, top + size))
@@ -123,7 +125,8 @@ _DCT32 = _dct_matrix(32)
 
 def phash(img: Image.Image) -> int:
     """64-bit DCT perceptual hash: low 8x8 frequencies of a 32x32 grey image vs their median."""
-    grey = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    # Shrink first, then drop colour: converting the 32x32 thumbnail is nearly free.
+    grey = np.asarray(img.resize((32, 32), Image.Resampling.BOX).convert("L"), dtype=np.float64)
     freq = _DCT32 @ grey @ _DCT32.T  # (32, 32) 2-D DCT-II, unnormalised
     low = freq[:8, :8].flatten()  # (64,)
     bits = low > np.median(low)

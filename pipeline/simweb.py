@@ -170,6 +170,9 @@ class ImageServer:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: with Nagle on, the body waits for the client's
+    # delayed ACK (40 ms a request) and the server, not the crawler, sets the pace.
+    disable_nagle_algorithm = True
     site: ImageServer
 
     def log_message(self, *args) -> None:  # keep test and bench output quiet
@@ -249,3 +252,22 @@ def load_web(directory: Path) -> SimWeb:
     planted = json.loads((directory / "planted.json").read_text())
     images = {f"img/{p.name}": p.read_bytes() for p in sorted((directory / "img").iterdir())}
     return SimWeb(images, planted["exact"], planted["near"], planted["broken"])
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.simweb --web-dir DIR --port-file F``: serve a saved web until killed
+    (the benchmark runs the server in its own process so it does not share a GIL)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=serve_main.__doc__.split("\n")[0])
+    parser.add_argument("--web-dir", type=Path, required=True)
+    parser.add_argument("--port-file", type=Path, required=True)
+    args = parser.parse_args(argv)
+    with ImageServer(load_web(args.web_dir)) as server:
+        args.port_file.write_text(str(server.httpd.server_address[1]))
+        threading.Event().wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(serve_main())
