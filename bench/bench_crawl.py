@@ -113,7 +113,12 @@ def main() -> int:
     parser.add_argument("--unique", type=int, default=1000, help="distinct images behind the URLs")
     parser.add_argument("--memory-urls", type=int, default=100_000, help="0 skips the large run")
     parser.add_argument("--shard-size", type=int, default=2500)
-    parser.add_argument("--threads", type=int, default=32)
+    parser.add_argument(
+        "--threads", type=int, default=16, help="per process (img2dataset) / per task"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs of each crawler, order alternating"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -124,29 +129,30 @@ def main() -> int:
     results: dict = {"load_before": os.getloadavg()}
     try:
         urls = write_urls(work / "urls.parquet", base, args.urls, args.unique)
-        results["img2dataset"] = run_img2dataset(
-            urls, work / "img2dataset", args.shard_size, args.threads
-        )
-        results["dinoforge"] = run_dinoforge(
-            urls, work / "dinoforge", args.shard_size, args.threads
-        )
+        # Alternate the order (A B B A ...) so drifting load from other jobs hits both alike.
+        for r in range(args.repeats):
+            order = [("img2dataset", run_img2dataset), ("dinoforge", run_dinoforge)]
+            for name, runner in order if r % 2 == 0 else order[::-1]:
+                result = runner(urls, work / f"{name}-{r}", args.shard_size, args.threads)
+                result["load_1min_after"] = os.getloadavg()[0]
+                results.setdefault(name, []).append(result)
         if args.memory_urls:
             big = write_urls(work / "urls-big.parquet", base, args.memory_urls, args.unique)
-            results["dinoforge_large"] = run_dinoforge(
-                big, work / "dinoforge-large", args.shard_size, args.threads
-            )
-            results["dinoforge_large"]["urls"] = args.memory_urls
+            large = run_dinoforge(big, work / "dinoforge-large", args.shard_size, args.threads)
+            results["dinoforge_large"] = [large | {"urls": args.memory_urls}]
         results["load_after"] = os.getloadavg()
     finally:
         server.kill()
         server.wait()
     for name in ("img2dataset", "dinoforge", "dinoforge_large"):
-        if name in results:
-            r = results[name]
+        for r in results.get(name, []):
             r["images_per_s"] = r["successes"] / r["wall_s"]
-    results["speedup"] = (
-        results["dinoforge"]["images_per_s"] / results["img2dataset"]["images_per_s"]
-    )
+    mean_rate = {
+        n: sum(r["images_per_s"] for r in results[n]) / len(results[n])
+        for n in ("img2dataset", "dinoforge")
+    }
+    results["mean_images_per_s"] = mean_rate
+    results["speedup"] = mean_rate["dinoforge"] / mean_rate["img2dataset"]
     results["args"] = vars(args)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
