@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
 
     summary = run_crawl(cfg, total, args.address)
     print(json.dumps(summary, indent=2))
-    return 0
+    return 1 if summary["failed_shards"] else 0
 
 
 def _manifest(args: argparse.Namespace) -> int:
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("faiss").setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
     try:
         return _run(args) if args.command == "run" else _manifest(args)

@@ -34,6 +34,7 @@ class CrawlConfig:
     threads_per_task: int = 16
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 10.0
+    total_timeout_s: float = 60.0  # whole body download, against servers that drip bytes
     retries: int = 2
     backoff_s: float = 0.5
     max_redirects: int = 5
@@ -85,6 +86,7 @@ def check_crawl_config(crawl: CrawlConfig) -> None:
         "crawl.max_pixels": crawl.max_pixels,
         "crawl.connect_timeout_s": crawl.connect_timeout_s,
         "crawl.read_timeout_s": crawl.read_timeout_s,
+        "crawl.total_timeout_s": crawl.total_timeout_s,
     }
     for name, value in positive.items():
         if value <= 0:

@@ -132,9 +132,13 @@ class Fetcher:
         except (ProtocolError, HTTPError, OSError) as exc:
             raise _Retryable("connection_error", f"connection error: {exc}") from None
         try:
-            return resp.status, resp.headers, self._read_body(resp)
+            body = self._read_body(resp)
+        except BaseException:
+            resp.close()  # a half-read connection must never go back into the pool
+            raise
         finally:
             resp.release_conn()
+        return resp.status, resp.headers, body
 
     def _read_body(self, resp: urllib3.BaseHTTPResponse) -> bytes:
         status = resp.status
@@ -157,8 +161,14 @@ class Fetcher:
         if declared and declared.isdigit() and int(declared) > self.cfg.max_bytes:
             raise FetchError("too_large", f"Content-Length {declared} > max_bytes", status)
         chunks, size = [], 0
+        # The read timeout bounds each wait; this bounds a server that drips bytes forever.
+        deadline = time.monotonic() + self.cfg.total_timeout_s
         try:
-            for chunk in resp.stream(_CHUNK, decode_content=True):
+            while chunk := resp.read1(_CHUNK):  # whatever has arrived, not a full chunk
+                if time.monotonic() > deadline:
+                    raise FetchError(
+                        "timeout", f"body took longer than {self.cfg.total_timeout_s} s", status
+                    )
                 size += len(chunk)
                 if size > self.cfg.max_bytes:
                     raise FetchError(

@@ -55,6 +55,7 @@ class Progress:
         self.started = time.time()
         self.rows = self.successes = self.shards = 0
         self.errors: collections.Counter[str] = collections.Counter()
+        self.failed_shards: list[int] = []
 
     def add(self, stats: dict) -> None:
         self.shards += 1
@@ -82,7 +83,7 @@ def run_crawl(cfg: PipelineConfig, total_rows: int, address: str | None = None) 
             2, 2 * int(ray.cluster_resources().get("CPU", 1))
         )
         progress = Progress(total_rows)
-        pending: list[ray.ObjectRef] = []
+        pending: dict[ray.ObjectRef, int] = {}
         skipped = 0
         for index, table in iter_shards(cfg.input, crawl.shard_size):
             if is_done(crawl_dir, index) and not (
@@ -91,24 +92,34 @@ def run_crawl(cfg: PipelineConfig, total_rows: int, address: str | None = None) 
                 skipped += 1
                 continue
             while len(pending) >= in_flight_limit:
-                pending = _collect_one(pending, progress)
+                _collect_one(pending, progress)
             task = _crawl_task.options(num_cpus=cfg.ray.cpus_per_task)
-            pending.append(task.remote(table, index, str(crawl_dir), crawl, cfg.input.kind))
+            pending[task.remote(table, index, str(crawl_dir), crawl, cfg.input.kind)] = index
         while pending:
-            pending = _collect_one(pending, progress)
+            _collect_one(pending, progress)
     finally:
         ray.shutdown()
     log.info("crawl finished: %d shards crawled, %d already done", progress.shards, skipped)
-    summary = {"crawled_shards": progress.shards, "skipped_shards": skipped}
+    summary = {
+        "crawled_shards": progress.shards,
+        "skipped_shards": skipped,
+        "failed_shards": progress.failed_shards,
+    }
     if cfg.dedup.enabled:
         summary["dedup"] = run_dedup(Path(cfg.output_dir), cfg.dedup.phash_threshold)
     return summary
 
 
-def _collect_one(pending: list[ray.ObjectRef], progress: Progress) -> list[ray.ObjectRef]:
-    done, pending = ray.wait(pending, num_returns=1)
-    progress.add(ray.get(done[0]))
-    return pending
+def _collect_one(pending: dict[ray.ObjectRef, int], progress: Progress) -> None:
+    """Wait for one shard task; a task that failed even after Ray's retries is logged and
+    left without a stats file, so the next run redoes it."""
+    done, _ = ray.wait(list(pending), num_returns=1)
+    index = pending.pop(done[0])
+    try:
+        progress.add(ray.get(done[0]))
+    except ray.exceptions.RayError as exc:
+        log.error("shard %05d failed, rerun to redo it: %s", index, exc)
+        progress.failed_shards.append(index)
 
 
 def _has_failures(crawl_dir: Path, index: int) -> bool:

@@ -7,6 +7,7 @@ near duplicates (re-encoded, slightly rescaled copies whose pHash stays within t
 
     /fault/404  /fault/500-then-ok/<id>  /fault/slow  /fault/truncated.jpg  /fault/html
     /fault/empty  /fault/bomb.png  /fault/loop-a  /fault/big  /fault/robots  /fault/redirect
+    /fault/drip (bytes trickle in: each read is quick, the whole body is not)
 """
 
 from __future__ import annotations
@@ -222,9 +223,25 @@ class _Handler(BaseHTTPRequestHandler):
             )
         if name == "redirect":
             return self._send(302, b"", "text/plain", {"Location": "/fault/robots-free"})
+        if name == "drip":
+            return self._drip(faults["image"])
         if name == "robots-free":
             return self._send(200, faults["image"], "image/jpeg")
         self._send(404, b"unknown fault", "text/plain")
+
+    def _drip(self, body: bytes) -> None:
+        """A few bytes at a time, each within any read timeout, the whole far too slowly."""
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for start in range(0, len(body), 64):
+                self.wfile.write(body[start : start + 64])
+                self.wfile.flush()
+                time.sleep(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def _send(self, status: int, body: bytes, ctype: str, headers: dict | None = None) -> None:
         try:

@@ -63,7 +63,7 @@ def ray_dashboard(ray_head):
 @pytest.fixture
 def crawl_cfg() -> CrawlConfig:
     return CrawlConfig(
-        allow_private_networks=True, read_timeout_s=1.0, connect_timeout_s=1.0,
+        allow_private_networks=True, read_timeout_s=1.0, connect_timeout_s=1.0, total_timeout_s=1.5,
         retries=1, backoff_s=0.05, threads_per_task=8, max_bytes=1_000_000, shard_size=16,
     )  # fmt: skip
 

@@ -20,6 +20,7 @@ EXPECTED = {
     "fault/big": ("failed", "too_large", 200),
     "fault/robots": ("failed", "robots_opt_out", 200),
     "fault/redirect": ("success", None, 200),
+    "fault/drip": ("failed", "timeout", 200),
 }
 
 
