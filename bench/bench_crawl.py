@@ -136,6 +136,9 @@ def main() -> int:
                 result = runner(urls, work / f"{name}-{r}", args.shard_size, args.threads)
                 result["load_1min_after"] = os.getloadavg()[0]
                 results.setdefault(name, []).append(result)
+                (work / "results.json").write_text(
+                    json.dumps(results, indent=2)
+                )  # kept if a later run fails
         if args.memory_urls:
             big = write_urls(work / "urls-big.parquet", base, args.memory_urls, args.unique)
             large = run_dinoforge(big, work / "dinoforge-large", args.shard_size, args.threads)

@@ -4,6 +4,7 @@ server with fault endpoints, and a small simulated web with planted duplicates."
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -33,21 +34,47 @@ def image_server(small_web):
 
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
-    """One real Ray head node (`ray start --head` on 127.0.0.1) shared by every Ray test:
-    yields (GCS address, dashboard URL for `ray job submit`)."""
+    """One real Ray head node (`ray start --head --block` on 127.0.0.1) shared by every Ray test:
+    yields (GCS address, dashboard URL for `ray job submit`).
+
+    It runs in its own process group, and teardown signals only that group: `ray stop` would
+    kill every Ray process on the machine, other people's clusters included."""
     temp = tmp_path_factory.mktemp("ray")
     port, dashboard_port = _free_port(), _free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     # Job drivers run `python` from PATH: make it this virtualenv's.
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    cmd = [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+    cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard_port}", "--disable-usage-stats", f"--temp-dir={temp}"]  # fmt: skip
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    # The job agent comes up seconds after the head; wait until it answers.
+    list_jobs = [ray_bin, "job", "list", "--address", dashboard]
+    ready = wait_for(
+        lambda: head.poll() is None
+        and subprocess.run(list_jobs, env=env, capture_output=True, timeout=60).returncode == 0,
+        timeout_s=120, every_s=1.0,
+    )  # fmt: skip
     try:
-        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
+        assert ready, "the Ray head node did not come up"
+        yield f"127.0.0.1:{port}", dashboard
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_group(head)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # workers that outlived the head
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="session")
