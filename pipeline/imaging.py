@@ -19,10 +19,6 @@ from PIL import Image, ImageOps
 
 from pipeline.config import CrawlConfig
 
-# The bomb guard below checks pixel counts from the header ourselves, before any decode;
-# Pillow's own check would raise on open or warn, so it is switched off in favour of ours.
-Image.MAX_IMAGE_PIXELS = None
-
 
 class ImageError(Exception):
     def __init__(self, kind: str, message: str) -> None:
@@ -57,7 +53,9 @@ def process_image(data: bytes, cfg: CrawlConfig) -> ProcessedImage:
         raise ImageError("not_image", "body is HTML/XML, not an image")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own limit below (from the header, before decoding) is the guard; Pillow's
+            # global one stays as it is for the rest of the process and only adds a warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > cfg.max_pixels:
@@ -77,6 +75,8 @@ def process_image(data: bytes, cfg: CrawlConfig) -> ProcessedImage:
             img.save(out, format="JPEG", quality=cfg.jpeg_quality)
     except ImageError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise ImageError("decompression_bomb", str(exc)) from None
     except Exception as exc:  # Pillow raises many types for corrupt input
         raise ImageError(
             "decode_error", f"cannot decode image: {type(exc).__name__}: {exc}"
