@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pretrain.layers import Block, PatchEmbed
+from pretrain.layers import Block, PatchEmbed, resolve_attn_backend
 
 
 def interpolate_pos_embed(
@@ -115,8 +115,6 @@ class VisionTransformer(nn.Module):
 
     def set_attn_backend(self, backend: str) -> None:
         """Switch every block's attention backend ("auto" | "sdpa" | "xformers")."""
-        from pretrain.layers import resolve_attn_backend
-
         resolved = resolve_attn_backend(backend)
         for block in self.blocks:
             block.attn.attn_backend = resolved
