@@ -32,8 +32,11 @@ def build_backbone(
     layerscale_init: float | None = 1e-5,
     ffn_layer: str | None = None,
     attn_backend: str = "auto",
-    interpolate_offset: float = 0.1,
+    interpolate_offset: float | None = None,
+    interpolate_antialias: bool | None = None,
 ) -> VisionTransformer:
+    """interpolate_offset / interpolate_antialias default to DINOv2's released settings:
+    0.1 / False, or 0.0 / True for models with register tokens."""
     if name not in ARCHS:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(ARCHS)}")
     arch = ARCHS[name]
@@ -49,6 +52,7 @@ def build_backbone(
         num_register_tokens=num_register_tokens,
         attn_backend=attn_backend,
         interpolate_offset=interpolate_offset,
+        interpolate_antialias=interpolate_antialias,
     )
 
 

@@ -19,13 +19,14 @@ from pretrain.layers import Block, PatchEmbed, resolve_attn_backend
 
 
 def interpolate_pos_embed(
-    pos_embed: Tensor, target_hw: tuple[int, int], offset: float = 0.1
+    pos_embed: Tensor, target_hw: tuple[int, int], offset: float = 0.1, antialias: bool = False
 ) -> Tensor:
     """Bicubically resamples a square grid of patch position embeddings to `target_hw` patches.
 
     pos_embed is [1, 1 + M*M, D] with the CLS position first. `offset` reproduces DINOv2's
     `interpolate_offset` (it passes scale factors (n + offset) / M rather than an output size,
-    which shifts the sampling grid slightly); offset 0 resizes to the exact size.
+    which shifts the sampling grid slightly); offset 0 resizes to the exact size. DINOv2's
+    released models use offset 0.1 without antialiasing, its register models offset 0 with it.
     """
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     grid = math.isqrt(patch_pos.shape[1])
@@ -36,9 +37,11 @@ def interpolate_pos_embed(
     patch_grid = patch_pos.float().reshape(1, grid, grid, dim).permute(0, 3, 1, 2)  # [1, D, M, M]
     if offset:
         scale = ((height + offset) / grid, (width + offset) / grid)
-        resized = F.interpolate(patch_grid, scale_factor=scale, mode="bicubic", antialias=False)
+        resized = F.interpolate(patch_grid, scale_factor=scale, mode="bicubic", antialias=antialias)
     else:
-        resized = F.interpolate(patch_grid, size=(height, width), mode="bicubic", antialias=False)
+        resized = F.interpolate(
+            patch_grid, size=(height, width), mode="bicubic", antialias=antialias
+        )
     if tuple(resized.shape[-2:]) != (height, width):
         raise RuntimeError(
             f"pos_embed resampled to {tuple(resized.shape[-2:])}, wanted {target_hw}"
@@ -62,7 +65,8 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         num_register_tokens: int = 0,
         attn_backend: str = "auto",
-        interpolate_offset: float = 0.1,
+        interpolate_offset: float | None = None,
+        interpolate_antialias: bool | None = None,
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -75,7 +79,14 @@ class VisionTransformer(nn.Module):
         self.num_register_tokens = num_register_tokens
         self.n_blocks = depth
         self.ffn_layer = ffn_layer
-        self.interpolate_offset = interpolate_offset
+        # DINOv2's released configurations: (0.1, no antialias), or (0, antialias) with registers.
+        default_offset, default_antialias = (0.0, True) if num_register_tokens else (0.1, False)
+        self.interpolate_offset = (
+            default_offset if interpolate_offset is None else interpolate_offset
+        )
+        self.interpolate_antialias = (
+            default_antialias if interpolate_antialias is None else interpolate_antialias
+        )
         grid = img_size // patch_size
 
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
@@ -125,7 +136,9 @@ class VisionTransformer(nn.Module):
         native = math.isqrt(self.pos_embed.shape[1] - 1)
         if target == (native, native):
             return self.pos_embed
-        return interpolate_pos_embed(self.pos_embed, target, self.interpolate_offset)
+        return interpolate_pos_embed(
+            self.pos_embed, target, self.interpolate_offset, self.interpolate_antialias
+        )
 
     def prepare_tokens_with_masks(self, images: Tensor, masks: Tensor | None = None) -> Tensor:
         batch, _, height, width = images.shape

@@ -92,6 +92,29 @@ def test_pos_embed_interpolation_is_the_identity_at_native_size():
     assert model.interpolate_pos_encoding(98, 70).shape == (1, 1 + 7 * 5, model.embed_dim)
 
 
+def test_pos_embed_resampling_follows_dinov2_released_settings():
+    plain, with_registers = (
+        build_backbone("vit_test"),
+        build_backbone("vit_test", num_register_tokens=4),
+    )
+    assert (plain.interpolate_offset, plain.interpolate_antialias) == (0.1, False)
+    assert (with_registers.interpolate_offset, with_registers.interpolate_antialias) == (0.0, True)
+    # register models: an exact-size antialiased bicubic resize of the 16x16 grid to 7x7
+    pos = with_registers.pos_embed.detach()
+    grid = pos[:, 1:].reshape(1, 16, 16, -1).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(7, 7), mode="bicubic", antialias=True)
+    got = (
+        with_registers.interpolate_pos_encoding(98, 98)[:, 1:]
+        .reshape(1, 7, 7, -1)
+        .permute(0, 3, 1, 2)
+    )
+    torch.testing.assert_close(got, expected)
+    # the 0.1 offset samples a slightly different grid than an exact resize
+    offset = plain.interpolate_pos_encoding(98, 98)
+    exact = interpolate_pos_embed(plain.pos_embed.detach(), (7, 7), offset=0.0)
+    assert offset.shape == exact.shape and not torch.allclose(offset, exact)
+
+
 def test_pos_embed_interpolation_keeps_rows_and_columns_apart():
     grid = 6
     rows, cols = torch.meshgrid(
