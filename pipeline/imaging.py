@@ -99,10 +99,10 @@ def _resize(img: Image.Image, want: tuple[int, int], size: int, mode: str) -> Im
     if mode == "no":
         return img
     if img.size != want:
-        # Pillow's resize filters antialias when shrinking; after draft decoding the remaining
-        # factor is below 2, where bilinear is clearly faster than bicubic at no visible cost.
+        # Shrinking: a box filter is area averaging, what img2dataset uses (cv2.INTER_AREA), and
+        # about twice as fast as bilinear in Pillow. Enlarging: Lanczos, as img2dataset does.
         shrinking = want[0] < img.width
-        method = Image.Resampling.BILINEAR if shrinking else Image.Resampling.LANCZOS
+        method = Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
         img = img.resize(want, method)
     if mode == "center_crop":
         left, top = (img.width - size) // 2, (img.height - size) // 2

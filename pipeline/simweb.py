@@ -114,13 +114,17 @@ def build_web(n_images: int, seed: int = 0, n_exact: int = 0, n_near: int = 0, n
     return web
 
 
-def _near_copy(data: bytes, crawl: CrawlConfig) -> bytes:
-    """Rescaled by 90% and re-encoded at another quality: new bytes, same picture."""
+def _near_copy(data: bytes, crawl: CrawlConfig, threshold: int = 4) -> bytes:
+    """Rescaled by 90% and re-encoded at another quality: new bytes, same picture. Checked to
+    stay within the dedup threshold (else only re-encoded), so the planted set is exact."""
     img = Image.open(io.BytesIO(data))
-    smaller = img.resize(
-        (round(img.width * 0.9), round(img.height * 0.9)), Image.Resampling.LANCZOS
-    )
-    return _jpeg(smaller, 70)
+    original = process_image(data, crawl).phash
+    size = (round(img.width * 0.9), round(img.height * 0.9))
+    smaller = img.resize(size, Image.Resampling.LANCZOS)
+    for candidate in (_jpeg(smaller, 70), _jpeg(img, 75)):
+        if (process_image(candidate, crawl).phash ^ original).bit_count() <= threshold:
+            return candidate
+    raise RuntimeError("could not make a near duplicate within the threshold")
 
 
 def _min_hamming(h: int, hashes: list[int]) -> int:

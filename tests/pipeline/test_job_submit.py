@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,7 +24,13 @@ def test_ray_job_submit_runs_the_crawl(ray_dashboard, image_server, url_file, tm
     cmd = [ray_bin, "job", "submit", "--address", ray_dashboard, "--working-dir", ".", "--",
            "python", "-m", "pipeline", "run", "configs/pipeline/crawl.yaml", f"input.urls={urls}",
            f"output_dir={out}", "crawl.allow_private_networks=true", "crawl.shard_size=3"]  # fmt: skip
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    for _ in range(24):
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        # The head's job agent registers some seconds after the dashboard answers; Ray says
+        # "please try again later" until then.
+        if "No available agent" not in result.stderr:
+            break
+        time.sleep(5)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "succeeded" in result.stdout
     table = pq.read_table(sorted((out / "crawl").glob("*.parquet")))
