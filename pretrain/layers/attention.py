@@ -31,6 +31,18 @@ def xformers_ops():
     return ops
 
 
+@functools.lru_cache(maxsize=64)
+def _block_diagonal_mask(batch_shapes: tuple[tuple[int, int], ...], device: torch.device):
+    """One attention block per crop: batch_shapes holds (crops, tokens) per resolution. Cached,
+    as every block of a step (and most steps) sees the same shapes."""
+    fmha = xformers_ops().fmha
+    seqlens = [tokens for crops, tokens in batch_shapes for _ in range(crops)]
+    try:
+        return fmha.BlockDiagonalMask.from_seqlens(seqlens, device=device)
+    except TypeError:  # older xformers: no device argument
+        return fmha.BlockDiagonalMask.from_seqlens(seqlens)
+
+
 def resolve_attn_backend(requested: str) -> str:
     """Apply the DINOFORGE_ATTN override and check the name; returns one of ATTN_BACKENDS."""
     backend = os.environ.get(ATTN_ENV_VAR) or requested
@@ -91,8 +103,7 @@ class Attention(nn.Module):
     def _packed_xformers(self, xs: list[Tensor]) -> list[Tensor]:
         ops = xformers_ops()
         dim = xs[0].shape[-1]
-        seqlens = [x.shape[1] for x in xs for _ in range(x.shape[0])]
-        bias = ops.fmha.BlockDiagonalMask.from_seqlens(seqlens)
+        bias = _block_diagonal_mask(tuple((x.shape[0], x.shape[1]) for x in xs), xs[0].device)
         packed = torch.cat([x.reshape(1, -1, dim) for x in xs], dim=1)  # [1, sum B_i*N_i, D]
         qkv = self.qkv(packed).reshape(1, packed.shape[1], 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.unbind(2)  # each [1, T, H, Dh]

@@ -226,3 +226,50 @@ def test_dino_head_projects_onto_weight_normalised_prototypes():
     assert DINOHead(32, 10, nlayers=1)(x).shape == (5, 10)
     with pytest.raises(ValueError, match="nlayers"):
         DINOHead(32, 10, nlayers=0)
+
+
+class _ReferenceBlockDiagonalMask:
+    def __init__(self, seqlens):
+        self.seqlens = list(seqlens)
+
+    @classmethod
+    def from_seqlens(cls, seqlens, device=None):
+        return cls(seqlens)
+
+
+class _ReferenceXformersOps:
+    """A dense stand-in for xformers (which has no CPU kernels): block-diagonal attention as an
+    explicit boolean mask, to check the packing and unpacking around the real kernel."""
+
+    class fmha:  # noqa: N801 - mirrors the xformers.ops.fmha namespace
+        BlockDiagonalMask = _ReferenceBlockDiagonalMask
+
+    @staticmethod
+    def memory_efficient_attention(q, k, v, attn_bias):
+        segment = torch.repeat_interleave(
+            torch.arange(len(attn_bias.seqlens)), torch.tensor(attn_bias.seqlens)
+        )
+        allowed = segment[:, None] == segment[None, :]  # [T, T]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [1, H, T, Dh]
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed
+        ).transpose(1, 2)
+
+
+def test_packed_attention_unpacks_to_the_per_resolution_result(monkeypatch):
+    from pretrain.layers import attention
+
+    monkeypatch.setattr(attention, "xformers_ops", lambda: _ReferenceXformersOps)
+    attention._block_diagonal_mask.cache_clear()
+    torch.manual_seed(0)
+    attn = attention.Attention(64, 4, attn_backend="sdpa")
+    xs = [torch.randn(3, 17, 64, requires_grad=True), torch.randn(5, 5, 64, requires_grad=True)]
+    per_resolution = attn.forward_list(xs)
+    packed = attn._packed_xformers(xs)
+    attention._block_diagonal_mask.cache_clear()
+    for a, b in zip(packed, per_resolution):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    grads_packed = torch.autograd.grad(sum(p.square().sum() for p in packed), xs)
+    grads_ref = torch.autograd.grad(sum(p.square().sum() for p in per_resolution), xs)
+    for a, b in zip(grads_packed, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
