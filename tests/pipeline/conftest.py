@@ -47,6 +47,11 @@ def ray_head(tmp_path_factory):
     cmd = [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
            f"--dashboard-port={dashboard_port}", "--disable-usage-stats", f"--temp-dir={temp}"]  # fmt: skip
+    # The agents' default ports are fixed: another Ray on this machine (a local ray.init, a
+    # benchmark) would hold them and the job agent would never come up. Use free ones.
+    cmd += [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port")]  # fmt: skip
     head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     dashboard = f"http://127.0.0.1:{dashboard_port}"
