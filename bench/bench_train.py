@@ -44,7 +44,7 @@ def worker(args: argparse.Namespace) -> None:
     from pretrain import arch, optim
     from pretrain.config import load_train_config
     from pretrain.data.loader import build_pretrain_loader
-    from pretrain.logging_utils import train_flops_per_image
+    from pretrain.logging_utils import device_peak_flops, train_flops_per_image
     from pretrain.parallelize import build_mesh, init_distributed, parallelize
 
     cfg = load_train_config(args.config, args.overrides)
@@ -109,6 +109,9 @@ def worker(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             result["gpu"] = torch.cuda.get_device_name()
+            peak = device_peak_flops()
+            if peak:
+                result["mfu"] = result["tflops_per_device"] * 1e12 / peak
         Path(args.result).write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -139,7 +142,7 @@ def table(results: list[dict]) -> str:
         lines.append("")
         for r in results:
             lines.append(f"- {r['model']}: peak memory {r.get('peak_memory_gib', 0):.1f} GiB, "
-                         f"{r['tflops_per_device']:.0f} TFLOP/s per device")  # fmt: skip
+                         f"{r['tflops_per_device']:.0f} TFLOP/s per device, MFU {100 * r.get('mfu', 0):.1f}%")  # fmt: skip
     return "\n".join(lines)
 
 
