@@ -163,7 +163,9 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads shared by the procs (min 1 each)"
+    )
     p.add_argument("--images", type=int, default=512, help="generated shapes in the shards")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
