@@ -10,6 +10,9 @@ STAMP := $(VENV)/.installed-stamp
 PIP_ENV := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null
 EXTRAS ?= cpu,dev
 DEMO_DIR ?= demo_run
+DEMO_IMAGES ?= 1500
+DEMO_STEPS ?= 150
+TORCHRUN := $(VENV)/bin/torchrun
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 .PHONY: help setup test test-all demo lint format bench bench-crawl bench-vit bench-train clean
@@ -30,8 +33,20 @@ test: setup  ## run the CPU test suite (not slow, not gpu)
 test-all: setup  ## the suite including tests marked slow
 	$(PY) -m pytest -q -rs -m 'not gpu'
 
-demo: setup  ## the whole flow on a simulated web served from 127.0.0.1
-	$(PY) -m pipeline.demo --output-dir $(DEMO_DIR)
+# The whole flow, each step the command a user would type. Rerunning resumes every step.
+demo: setup  ## crawl a simulated web on Ray, pretrain vit_test on it (2 ranks), k-NN eval
+	$(PY) -m pipeline.demo --output-dir $(DEMO_DIR) --images $(DEMO_IMAGES)
+	$(PY) -m pipeline manifest validate $(DEMO_DIR)/run
+	$(TORCHRUN) --standalone --nproc-per-node 2 -m pretrain.train \
+	    --config configs/pretrain/vit_test_cpu.yaml data.shards=$(DEMO_DIR)/run \
+	    output_dir=$(DEMO_DIR)/train train.steps=$(DEMO_STEPS)
+	@echo "== k-NN (label = source photograph), pretrained teacher vs the same ViT at random init"
+	$(PY) -m pretrain.eval knn --checkpoint $(DEMO_DIR)/train --ks 10,20 \
+	    --train '$(DEMO_DIR)/run/crawl/0000[0-1].tar' --val '$(DEMO_DIR)/run/crawl/00002.tar' \
+	    --output $(DEMO_DIR)/knn_pretrained.json
+	$(PY) -m pretrain.eval knn --random-init --checkpoint $(DEMO_DIR)/train --ks 10,20 \
+	    --train '$(DEMO_DIR)/run/crawl/0000[0-1].tar' --val '$(DEMO_DIR)/run/crawl/00002.tar' \
+	    --output $(DEMO_DIR)/knn_random_init.json
 
 lint: setup  ## ruff lint + format check
 	$(VENV)/bin/ruff check pipeline pretrain tests bench

@@ -37,7 +37,16 @@ def run_demo(output_dir: Path, images: int = 1500, seed: int = 0, shard_size: in
         paths = web.paths()
         urls = output_dir / "urls.parquet"
         pq.write_table(
-            pa.table({"url": [server.url(p) for p in paths], "source_path": paths}), urls
+            pa.table(
+                {
+                    "url": [server.url(p) for p in paths],
+                    "source_path": paths,
+                    # carried into each sample's json: the photograph a crop came from,
+                    # the label `python -m pretrain.eval knn` reads in the full demo
+                    "label": [web.sources.get(p, "") for p in paths],
+                }
+            ),
+            urls,
         )
         run_dir = output_dir / "run"
         overrides = [f"input.urls={urls}", f"output_dir={run_dir}", f"crawl.shard_size={shard_size}",

@@ -36,6 +36,11 @@ FAULTS = ("404", "500-then-ok/1", "slow", "truncated.jpg", "html", "empty", "bom
 
 def load_photos() -> list[Image.Image]:
     """The scikit-image photographs that ship inside its wheel (no download), as RGB."""
+    return [photo for _, photo in load_named_photos()]
+
+
+def load_named_photos() -> list[tuple[str, Image.Image]]:
+    """(name, RGB image) for each scikit-image photograph that loads without a download."""
     import skimage.data
 
     photos = []
@@ -47,7 +52,7 @@ def load_photos() -> list[Image.Image]:
         if array.dtype != np.uint8:
             array = array.astype(np.float64)
             array = (255 * (array - array.min()) / max(np.ptp(array), 1e-9)).astype(np.uint8)
-        photos.append(Image.fromarray(array).convert("RGB"))
+        photos.append((name, Image.fromarray(array).convert("RGB")))
     return photos
 
 
@@ -57,6 +62,8 @@ class SimWeb:
     exact_duplicates: dict[str, str] = field(default_factory=dict)  # copy path -> original path
     near_duplicates: dict[str, str] = field(default_factory=dict)
     broken: list[str] = field(default_factory=list)  # paths that fail (404)
+    # path -> name of the photograph it was made from: a label for evaluating a backbone
+    sources: dict[str, str] = field(default_factory=dict)
 
     def paths(self) -> list[str]:
         return sorted(self.images) + self.broken
@@ -89,23 +96,28 @@ def build_web(n_images: int, seed: int = 0, n_exact: int = 0, n_near: int = 0, n
     plus planted duplicates and broken URLs."""
     crawl = crawl or CrawlConfig()
     rng = random.Random(seed)
-    photos = load_photos()
+    photos = load_named_photos()
     images: dict[str, bytes] = {}
+    sources: dict[str, str] = {}
     hashes: list[int] = []
     while len(images) < n_images:
-        data = _jpeg(_random_image(rng.choice(photos), rng), rng.randint(80, 95))
+        name, photo = rng.choice(photos)
+        data = _jpeg(_random_image(photo, rng), rng.randint(80, 95))
         h = process_image(data, crawl).phash
         if hashes and _min_hamming(h, hashes) < min_distance:
             continue  # too close to one already made: it would be an accidental near duplicate
         hashes.append(h)
-        images[f"img/{len(images):06d}.jpg"] = data
-    web = SimWeb(images)
+        path = f"img/{len(images):06d}.jpg"
+        images[path], sources[path] = data, name
+    web = SimWeb(images, sources=sources)
     originals = sorted(images)
     for i in range(n_exact):
         web.exact_duplicates[f"img/exact-{i:04d}.jpg"] = originals[i % len(originals)]
     for i in range(n_near):
         original = originals[-1 - (i % len(originals))]
         web.near_duplicates[f"img/near-{i:04d}.jpg"] = original
+    for copy, original in {**web.exact_duplicates, **web.near_duplicates}.items():
+        sources[copy] = sources[original]
     for copy, original in web.exact_duplicates.items():
         images[copy] = images[original]
     for copy, original in web.near_duplicates.items():

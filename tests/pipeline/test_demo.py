@@ -19,3 +19,16 @@ def test_demo_crawls_the_simulated_web_on_local_ray(tmp_path, monkeypatch, capsy
     dedup = json.loads((run_dir / "dedup" / "summary.json").read_text())
     assert (dedup["exact_duplicates"], dedup["near_duplicates"], dedup["survivors"]) == (1, 1, 30)
     assert "success_rate" in capsys.readouterr().out
+    # The URL list's `label` (the source photograph) is carried into every sample's json, where
+    # `python -m pretrain.eval` reads it; duplicates carry their original's label.
+    from pipeline.shardio import iter_tar_samples
+    from pipeline.simweb import PHOTOS
+
+    rows = {r["key"]: r for r in table.to_pylist()}
+    seen = 0
+    for tar in sorted((run_dir / "crawl").glob("*.tar")):
+        for key, files in iter_tar_samples(tar):
+            meta = json.loads(files["json"])
+            assert meta["label"] == rows[key]["label"] and meta["label"] in PHOTOS
+            seen += 1
+    assert seen == 32
