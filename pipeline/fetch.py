@@ -44,11 +44,13 @@ class FetchResult:
 
 
 def is_public_address(ip: str) -> bool:
-    """False for loopback, private, link-local (cloud metadata), multicast, reserved, unspecified."""
+    """True only for globally routable unicast addresses: False for loopback, private,
+    link-local (cloud metadata), carrier-grade NAT (100.64/10), documentation, multicast,
+    reserved and unspecified ones."""
     addr = ipaddress.ip_address(ip)
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
-    return not (
+    return addr.is_global and not (
         addr.is_private
         or addr.is_loopback
         or addr.is_link_local

@@ -68,7 +68,8 @@ def test_redirect_to_private_address_is_refused(crawl_cfg):
     from pipeline.fetch import is_public_address
 
     for ip in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1", "fd00::1",
-               "::ffff:127.0.0.1", "0.0.0.0", "224.0.0.1"):  # fmt: skip
+               "::ffff:127.0.0.1", "0.0.0.0", "224.0.0.1", "100.64.0.1", "192.0.2.1",
+               "fd00:ec2::254"):  # fmt: skip
         assert not is_public_address(ip), ip
     assert is_public_address("8.8.8.8") and is_public_address("2606:4700::1111")
 
