@@ -133,7 +133,13 @@ def compute_losses(
     )
     student_logits = list(cls_logits.chunk(2 + n_local))  # globals first, then locals
     dino = losses["dino"](student_logits, teacher_probs)
-    ibot = losses["ibot"].forward_masked(patch_logits, teacher_patch_probs, batch["masks_weight"])
+    # Averaged over every global crop, unmasked ones counting zero, as the DINOv2 recipe does.
+    ibot = losses["ibot"].forward_masked(
+        patch_logits,
+        teacher_patch_probs,
+        batch["masks_weight"],
+        n_global_crops=batch["collated_global_crops"].shape[0],
+    )
     koleo = sum(losses["koleo"](cls) for cls in global_cls.chunk(2))
     lc = cfg.loss
     total = lc.dino_weight * dino + lc.ibot_weight * ibot + lc.koleo_weight * koleo
