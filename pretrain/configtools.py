@@ -40,7 +40,9 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping at the top, got {type(data).__name__}"
+        )
     return data
 
 
