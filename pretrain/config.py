@@ -58,6 +58,10 @@ class CropsConfig:
     # Intended DINOv2 probabilities: global crop 1, global crop 2, locals.
     blur_probs: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
     solarize_prob: float = 0.2
+    # (brightness, contrast, saturation, hue) strengths, applied with color_jitter_prob.
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
 
 
 @dataclass

@@ -43,6 +43,7 @@ class DataAugmentationDINO:
         solarize_prob: float = 0.2,
         flip_prob: float = 0.5,
         color_jitter_prob: float = 0.8,
+        color_jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
         grayscale_prob: float = 0.2,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -61,6 +62,12 @@ class DataAugmentationDINO:
                 raise ValueError(
                     f"{name} must be (low, high) with 0 < low <= high <= 1, got {scale}"
                 )
+        if len(color_jitter) != 4 or min(color_jitter) < 0 or color_jitter[3] > 0.5:
+            raise ValueError(
+                "color_jitter needs (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, "
+                f"got {color_jitter}"
+            )
+        brightness, contrast, saturation, hue = (float(v) for v in color_jitter)
         blur_global1, blur_global2, blur_local = (_probability(p, "blur_probs") for p in blur_probs)
         self.local_crops_number = local_crops_number
 
@@ -80,7 +87,7 @@ class DataAugmentationDINO:
         color = v2.Compose(
             [
                 v2.RandomApply(
-                    [v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                    [v2.ColorJitter(brightness, contrast, saturation, hue)],
                     p=_probability(color_jitter_prob, "color_jitter_prob"),
                 ),
                 v2.RandomGrayscale(p=_probability(grayscale_prob, "grayscale_prob")),

@@ -297,6 +297,9 @@ def build_pretrain_loader(
         local_crops_size=crops.local_crops_size,
         blur_probs=tuple(crops.blur_probs),
         solarize_prob=crops.solarize_prob,
+        color_jitter=tuple(crops.color_jitter),
+        color_jitter_prob=crops.color_jitter_prob,
+        grayscale_prob=crops.grayscale_prob,
     )
     side = crops.global_crops_size // cfg.model.patch_size
     collate = partial(

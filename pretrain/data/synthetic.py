@@ -1,5 +1,7 @@
 """A generated shapes dataset: the class is the shape; colour, size, position and background vary.
 
+The shape's colour is any colour; the background is a grey of random level.
+
 Used by the tests ("it learns") and the CPU demo/benchmarks. Writes WebDataset shards in the
 crawl's format (`KEY.jpg` + `KEY.json`, the json carrying a `label`) or labelled image folders.
 
@@ -23,7 +25,15 @@ SHAPES = ("circle", "square", "triangle", "cross")
 
 
 def draw_shape(shape: str, rng: random.Random, size: int = 64) -> Image.Image:
-    background = tuple(rng.randrange(0, 256) for _ in range(3))
+    """One shape of random colour, size and position on a grey background of random level.
+
+    The background is grey on purpose: a background of random hue fills most of the image and
+    survives DINOv2's colour jitter, so it identifies an image across views better than its
+    shape does, and a short self-supervised run learns background colour instead of shape
+    (measured: docs/training.md, "The shapes check").
+    """
+    level = rng.randrange(0, 256)
+    background = (level, level, level)
     colour = tuple((c + rng.randrange(96, 160)) % 256 for c in background)  # keep contrast
     img = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(img)

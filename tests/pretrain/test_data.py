@@ -106,6 +106,18 @@ def test_bad_augmentation_settings_are_named():
         DataAugmentationDINO(solarize_prob=1.5)
     with pytest.raises(ValueError, match="local_crops_scale"):
         DataAugmentationDINO(local_crops_scale=(0.5, 0.1))
+    with pytest.raises(ValueError, match="color_jitter"):
+        DataAugmentationDINO(color_jitter=(0.4, 0.4, 0.2, 0.7))
+
+
+def test_colour_jitter_strengths_are_configurable(small_photo):
+    plain = DataAugmentationDINO(**PLAIN)(small_photo)["global_crops"][0]
+    hue_only = {**PLAIN, "color_jitter_prob": 1.0, "color_jitter": (0.0, 0.0, 0.0, 0.5)}
+    aug = DataAugmentationDINO(**hue_only)
+    moved = [(aug(small_photo, seed=s)["global_crops"][0] - plain).abs().mean() for s in range(8)]
+    assert min(moved) > 0 and max(moved) > 0.2  # hue shifts of up to half the colour wheel
+    off = {**PLAIN, "color_jitter_prob": 1.0, "color_jitter": (0.0, 0.0, 0.0, 0.0)}
+    assert torch.equal(DataAugmentationDINO(**off)(small_photo, seed=1)["global_crops"][0], plain)
 
 
 def test_masking_generator_masks_about_the_requested_count():
