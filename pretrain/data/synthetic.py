@@ -24,18 +24,26 @@ from PIL import Image, ImageDraw
 SHAPES = ("circle", "square", "triangle", "cross")
 
 
-def draw_shape(shape: str, rng: random.Random, size: int = 64) -> Image.Image:
-    """One shape of random colour, size and position on a grey background of random level.
+def draw_shape(
+    shape: str, rng: random.Random, size: int = 64, background: str = "grey"
+) -> Image.Image:
+    """One shape of random colour, size and position on a background of random level: grey
+    by default, or of any colour with background="colour" (the set as it was first written).
 
-    The background is grey on purpose: a background of random hue fills most of the image and
+    Grey is the default on purpose: a background of random hue fills most of the image and
     survives DINOv2's colour jitter, so it identifies an image across views better than its
     shape does, and a short self-supervised run learns background colour instead of shape
     (measured: docs/training.md, "The shapes check").
     """
-    level = rng.randrange(0, 256)
-    background = (level, level, level)
-    colour = tuple((c + rng.randrange(96, 160)) % 256 for c in background)  # keep contrast
-    img = Image.new("RGB", (size, size), background)
+    if background == "grey":
+        level = rng.randrange(0, 256)
+        fill = (level, level, level)
+    elif background == "colour":
+        fill = tuple(rng.randrange(0, 256) for _ in range(3))
+    else:
+        raise ValueError(f"background must be 'grey' or 'colour', got {background!r}")
+    colour = tuple((c + rng.randrange(96, 160)) % 256 for c in fill)  # keep contrast
+    img = Image.new("RGB", (size, size), fill)
     draw = ImageDraw.Draw(img)
     radius = rng.uniform(0.18, 0.38) * size
     cx = rng.uniform(radius, size - radius)
@@ -62,11 +70,11 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def samples(n: int, seed: int, size: int = 64):
+def samples(n: int, seed: int, size: int = 64, background: str = "grey"):
     rng = random.Random(seed)
     for i in range(n):
         label = i % len(SHAPES)
-        yield f"{seed:04d}{i:07d}", label, draw_shape(SHAPES[label], rng, size)
+        yield f"{seed:04d}{i:07d}", label, draw_shape(SHAPES[label], rng, size, background)
 
 
 def write_shapes_shards(

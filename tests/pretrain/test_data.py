@@ -192,3 +192,19 @@ def test_masks_follow_the_stratified_ratio_distribution():
 def test_collate_rejects_a_mask_generator_of_another_size():
     with pytest.raises(ValueError, match="n_tokens=16"):
         collate_data_and_cast(_samples(2), n_tokens=16, mask_generator=MaskingGenerator((2, 2)))
+
+
+def test_shapes_backgrounds_are_grey_by_default_and_checked():
+    import random
+
+    from pretrain.data.synthetic import draw_shape
+
+    for seed in range(5):
+        grey = draw_shape("circle", random.Random(seed), 64).getpixel((0, 0))
+        assert grey[0] == grey[1] == grey[2]  # corners are background: the shape keeps inside
+    coloured = [
+        draw_shape("cross", random.Random(s), 64, "colour").getpixel((0, 0)) for s in range(5)
+    ]
+    assert any(len(set(pixel)) > 1 for pixel in coloured)
+    with pytest.raises(ValueError, match="background"):
+        draw_shape("circle", random.Random(0), 64, "blue")

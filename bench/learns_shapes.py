@@ -1,0 +1,132 @@
+"""What a short DINOv2 run learns on the generated shapes, measured as it trains.
+
+One process, no torchrun: the training pieces of `pretrain` (SSLModel, the three losses, AdamW
+groups, schedules, EMA) on in-memory shapes, with the teacher's k-NN accuracy (label = shape)
+every `--eval-every` steps. Used for the ablations in docs/training.md ("The shapes check").
+
+    python bench/learns_shapes.py --steps 600                                  # the test's setting
+    python bench/learns_shapes.py --steps 600 --background colour             # the shortcut
+    python bench/learns_shapes.py --steps 600 loss.ibot_weight=0 loss.koleo_weight=0   # DINO alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from pretrain import arch, optim
+from pretrain.config import TrainConfig, load_train_config
+from pretrain.data import DataAugmentationDINO, MaskingGenerator, collate_data_and_cast
+from pretrain.data.synthetic import samples
+from pretrain.eval.features import extract_features
+from pretrain.eval.knn import knn_accuracy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ShapeBatches(IterableDataset):
+    """Endless multi-crop batches drawn with replacement from a fixed pool of images."""
+
+    def __init__(self, cfg: TrainConfig, pool: list, batch_size: int) -> None:
+        self.cfg, self.pool, self.batch_size = cfg, pool, batch_size
+
+    def __iter__(self):
+        c, side = self.cfg.crops, self.cfg.crops.global_crops_size // self.cfg.model.patch_size
+        augment = DataAugmentationDINO(
+            global_crops_scale=tuple(c.global_crops_scale),
+            local_crops_scale=tuple(c.local_crops_scale),
+            local_crops_number=c.local_crops_number,
+            global_crops_size=c.global_crops_size,
+            local_crops_size=c.local_crops_size,
+            blur_probs=tuple(c.blur_probs),
+            solarize_prob=c.solarize_prob,
+            color_jitter=tuple(c.color_jitter),
+            color_jitter_prob=c.color_jitter_prob,
+            grayscale_prob=c.grayscale_prob,
+        )
+        collate = partial(
+            collate_data_and_cast,
+            mask_ratio_tuple=tuple(self.cfg.loss.mask_ratio_min_max),
+            mask_probability=self.cfg.loss.mask_probability,
+            n_tokens=side * side,
+            mask_generator=MaskingGenerator((side, side), max_num_patches=0.5 * side * side),
+        )
+        rng = random.Random(self.cfg.train.seed)
+        torch.manual_seed(self.cfg.train.seed + 1)
+        while True:
+            picks = [self.pool[rng.randrange(len(self.pool))] for _ in range(self.batch_size)]
+            yield collate([augment(img) for img in picks])
+
+
+def knn_top1(backbone, train, val, size: int) -> float:
+    backbone.eval()
+    x_train = extract_features(backbone, [img for _, _, img in train], size)
+    x_val = extract_features(backbone, [img for _, _, img in val], size)
+    y_train = torch.tensor([label for _, label, _ in train])
+    y_val = torch.tensor([label for _, label, _ in val])
+    return knn_accuracy(x_train, y_train, x_val, y_val, ks=(20,))[20]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=32, help="images per step")
+    parser.add_argument("--lr", type=float, default=0.0005)
+    parser.add_argument("--images", type=int, default=2048, help="training pool")
+    parser.add_argument("--eval-images", type=int, default=1000, help="per k-NN split")
+    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--background", choices=["grey", "colour"], default="grey")
+    parser.add_argument("--config", default=str(REPO / "configs/pretrain/vit_test_cpu.yaml"))
+    parser.add_argument("overrides", nargs="*", help="key=value on the training config")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cfg = load_train_config(
+        args.config,
+        ["data.shards=in-memory", f"train.steps={args.steps}", f"optim.base_lr={args.lr}",
+         f"data.batch_size_per_rank={args.batch}", *args.overrides],
+    )  # fmt: skip
+    pool = [img for _, _, img in samples(args.images, 1, background=args.background)]
+    train = list(samples(args.eval_images, 2, background=args.background))
+    val = list(samples(args.eval_images, 3, background=args.background))
+    batches = iter(DataLoader(ShapeBatches(cfg, pool, args.batch), batch_size=None, num_workers=1))
+
+    torch.manual_seed(cfg.train.seed)
+    student, teacher = arch.build_student_teacher(cfg)
+    losses = arch.build_losses(cfg)
+    optimizer = optim.build_optimizer(student, cfg.optim, student.backbone.n_blocks)
+    schedules = optim.Schedules(cfg.optim, cfg.train, args.batch)
+    params = [p for p in student.parameters() if p.requires_grad]
+    size = cfg.crops.global_crops_size
+    print(f"overrides: {' '.join(args.overrides) or '-'}; background {args.background}")
+    print(f"step     0  teacher k-NN@20 {knn_top1(teacher.backbone, train, val, size):.3f}")
+    start = time.perf_counter()
+    for step in range(args.steps):
+        values = schedules.at(step)
+        optim.apply_step_values(optimizer, values)
+        student.train()
+        terms = arch.compute_losses(
+            student, teacher, losses, next(batches), values.teacher_temp, cfg
+        )
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+        optimizer.step()
+        arch.update_teacher(student, teacher, values.momentum)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            acc = knn_top1(teacher.backbone, train, val, size)
+            print(
+                f"step {step + 1:5d}  teacher k-NN@20 {acc:.3f}  dino {terms.dino.item():.3f} "
+                f"ibot {terms.ibot.item():.3f} koleo {terms.koleo.item():.3f}  "
+                f"{time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
