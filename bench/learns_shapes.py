@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from pretrain import arch, optim
 from pretrain.config import TrainConfig, load_train_config
-from pretrain.data import DataAugmentationDINO, MaskingGenerator, collate_data_and_cast
+from pretrain.data.loader import build_transforms
 from pretrain.data.synthetic import samples
 from pretrain.eval.features import extract_features
 from pretrain.eval.knn import knn_accuracy
@@ -37,26 +36,7 @@ class ShapeBatches(IterableDataset):
         self.cfg, self.pool, self.batch_size = cfg, pool, batch_size
 
     def __iter__(self):
-        c, side = self.cfg.crops, self.cfg.crops.global_crops_size // self.cfg.model.patch_size
-        augment = DataAugmentationDINO(
-            global_crops_scale=tuple(c.global_crops_scale),
-            local_crops_scale=tuple(c.local_crops_scale),
-            local_crops_number=c.local_crops_number,
-            global_crops_size=c.global_crops_size,
-            local_crops_size=c.local_crops_size,
-            blur_probs=tuple(c.blur_probs),
-            solarize_prob=c.solarize_prob,
-            color_jitter=tuple(c.color_jitter),
-            color_jitter_prob=c.color_jitter_prob,
-            grayscale_prob=c.grayscale_prob,
-        )
-        collate = partial(
-            collate_data_and_cast,
-            mask_ratio_tuple=tuple(self.cfg.loss.mask_ratio_min_max),
-            mask_probability=self.cfg.loss.mask_probability,
-            n_tokens=side * side,
-            mask_generator=MaskingGenerator((side, side), max_num_patches=0.5 * side * side),
-        )
+        augment, collate = build_transforms(self.cfg)
         rng = random.Random(self.cfg.train.seed)
         torch.manual_seed(self.cfg.train.seed + 1)
         while True:

@@ -276,18 +276,12 @@ def build_loader(dataset: ShardStream, num_workers: int) -> DataLoader:
     )
 
 
-def build_pretrain_loader(
-    cfg: Any, *, rank: int, world_size: int, start_batch: int
-) -> tuple[DataLoader, int]:
-    """Multi-crop + masking batches for this rank from `cfg.data.shards` (a TrainConfig).
-
-    Returns the loader and the number of shards found.
-    """
+def build_transforms(cfg: Any) -> tuple[Callable, Callable]:
+    """(multi-crop augmentation of one image, batch collate with iBOT masks) for a TrainConfig."""
     from functools import partial
 
     from pretrain.data import DataAugmentationDINO, MaskingGenerator, collate_data_and_cast
 
-    shards = resolve_shards(cfg.data.shards)
     crops, loss = cfg.crops, cfg.loss
     augment = DataAugmentationDINO(
         global_crops_scale=tuple(crops.global_crops_scale),
@@ -309,6 +303,18 @@ def build_pretrain_loader(
         n_tokens=side * side,
         mask_generator=MaskingGenerator((side, side), max_num_patches=0.5 * side * side),
     )
+    return augment, collate
+
+
+def build_pretrain_loader(
+    cfg: Any, *, rank: int, world_size: int, start_batch: int
+) -> tuple[DataLoader, int]:
+    """Multi-crop + masking batches for this rank from `cfg.data.shards` (a TrainConfig).
+
+    Returns the loader and the number of shards found.
+    """
+    shards = resolve_shards(cfg.data.shards)
+    augment, collate = build_transforms(cfg)
     dataset = ShardStream(
         shards,
         sample_transform=augment,

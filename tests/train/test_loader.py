@@ -15,6 +15,7 @@ from pretrain.data.loader import (
     _stream_shards,
     build_loader,
     build_pretrain_loader,
+    build_transforms,
     resolve_shards,
 )
 
@@ -112,3 +113,23 @@ def test_pretrain_loader_yields_multicrop_batches(shard_dir):
     assert batch["collated_global_crops"].shape == (16, 3, 56, 56)
     assert batch["collated_local_crops"].shape == (16, 3, 28, 28)
     assert batch["collated_masks"].shape == (16, 16)
+
+
+def test_colour_jitter_settings_reach_the_augmentation(helpers):
+    from PIL import Image
+
+    base = [f"data.shards={helpers.repo}", "crops.grayscale_prob=0", "crops.solarize_prob=0",
+            "crops.blur_probs=[0,0,0]", "crops.color_jitter_prob=1"]  # fmt: skip
+    image = Image.new("RGB", (56, 56), (200, 40, 40))
+
+    def red_wins(jitter: str) -> list[bool]:
+        cfg = load_train_config(str(helpers.config), [*base, f"crops.color_jitter={jitter}"])
+        augment, _ = build_transforms(cfg)
+        crops = [augment(image, seed=s)["global_crops"][0] for s in range(8)]
+        return [bool(c.mean(dim=(1, 2)).argmax() == 0) for c in crops]
+
+    assert all(red_wins("[0,0,0,0]"))
+    assert not all(red_wins("[0,0,0,0.5]"))  # half the colour wheel: some crops turn
+    bad = load_train_config(str(helpers.config), [*base, "crops.color_jitter=[0.4,0.4,0.2,0.7]"])
+    with pytest.raises(ValueError, match="color_jitter"):
+        build_transforms(bad)
