@@ -210,12 +210,24 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_run_config(
-    saved_yaml: str, current: dict[str, Any], allowed: list[str], where: Path
+    saved_yaml: str,
+    current: dict[str, Any],
+    allowed: list[str],
+    where: Path,
+    defaults: dict[str, Any] | None = None,
 ) -> None:
-    """A run dir's saved config must match this run's, apart from keys in `allowed`."""
+    """A run dir's saved config must match this run's, apart from keys in `allowed`.
+
+    A key the saved config lacks (added to the schema after that run started) matches when this
+    run keeps its default from `defaults`: the earlier run used that value implicitly.
+    """
     saved = _flatten(yaml.safe_load(saved_yaml) or {})
     now = _flatten(current)
+    default = _flatten(defaults or {})
     skip = set(allowed) | {"output_dir"}
+    for key in set(now) - set(saved):
+        if key in default and default[key] == now[key]:
+            skip.add(key)
     diffs = sorted(
         k
         for k in set(saved) | set(now)

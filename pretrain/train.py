@@ -32,7 +32,9 @@ def prepare_output_dir(cfg: TrainConfig, rank: int) -> Path:
     saved = out / "config.yaml"
     if saved.is_file():  # every rank checks, so a mismatch fails everywhere, not in a barrier
         allowed = list(cfg.checkpoint.allowed_changes)
-        checkpoint.check_run_config(saved.read_text(), to_dict(cfg), allowed, out)
+        checkpoint.check_run_config(
+            saved.read_text(), to_dict(cfg), allowed, out, defaults=to_dict(TrainConfig())
+        )
     dist.barrier()
     if rank == 0:
         save_config(cfg, saved)

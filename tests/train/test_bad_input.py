@@ -54,5 +54,11 @@ def test_config_and_model_checks_name_the_difference(tmp_path):
         check_run_config(
             saved, {"model": {"arch": "vit_small"}, "train": {"steps": 10}}, [], tmp_path
         )
+    # A key newer than the saved config matches at its default, and only there.
+    newer = {"model": {"arch": "vit_test"}, "train": {"steps": 10}, "crops": {"hue": 0.1}}
+    check_run_config(saved, newer, [], tmp_path, defaults={"crops": {"hue": 0.1}})
+    with pytest.raises(ConfigError, match="crops.hue: saved '<unset>', now 0.5"):
+        newer["crops"]["hue"] = 0.5
+        check_run_config(saved, newer, [], tmp_path, defaults={"crops": {"hue": 0.1}})
     with pytest.raises(CheckpointMismatchError, match="n_blocks: checkpoint 4 vs this run 12"):
         check_model_matches({"model": {"n_blocks": 4}}, {"n_blocks": 12}, tmp_path)
