@@ -4,7 +4,7 @@ One process, no torchrun: the training pieces of `pretrain` (SSLModel, the three
 groups, schedules, EMA) on in-memory shapes, with the teacher's k-NN accuracy (label = shape)
 every `--eval-every` steps. Used for the ablations in docs/training.md ("The shapes check").
 
-    python bench/learns_shapes.py --steps 600                                  # the test's setting
+    python bench/learns_shapes.py --steps 600 --lr 0.004                       # the test's recipe
     python bench/learns_shapes.py --steps 600 --background colour             # the shortcut
     python bench/learns_shapes.py --steps 600 loss.ibot_weight=0 loss.koleo_weight=0   # DINO alone
 """
@@ -57,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=32, help="images per step")
-    parser.add_argument("--lr", type=float, default=0.0005)
+    parser.add_argument("--lr", type=float, default=0.0005, help="the YAML has 0.004")
     parser.add_argument("--images", type=int, default=2048, help="training pool")
     parser.add_argument("--eval-images", type=int, default=1000, help="per k-NN split")
     parser.add_argument("--eval-every", type=int, default=200)
