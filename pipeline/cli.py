@@ -1,10 +1,13 @@
 """Command line of the pipeline.
 
     python -m pipeline run configs/pipeline/crawl.yaml input.urls=urls.parquet output_dir=RUN
+    python -m pipeline run configs/pipeline/curate.yaml input.urls=urls.parquet output_dir=RUN \
+        embed.checkpoint=dinov2_vitl14_pretrain.pth [stages=[embed,semdedup]] [redo=[semdedup]]
     python -m pipeline run ... --address ray://HEAD:10001     # or RAY_ADDRESS; local Ray otherwise
     python -m pipeline manifest {summary,shards,failures,validate} RUN [--json]
 
-Every input problem (config, URL file, column, empty list) is reported before Ray starts.
+Every input problem (config, URL file, column, empty list, a stage's changed settings) is
+reported before Ray starts.
 """
 
 from __future__ import annotations
@@ -15,19 +18,19 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import PipelineConfig, check_crawl_config
+from pipeline import plan
+from pipeline.config import PipelineConfig, check_crawl_config, check_embed_config
+from pipeline.layout import RunLayout
 from pipeline.sources import InputError, check_input
-from pretrain.configtools import ConfigError, load_config, save_config, to_dict
+from pretrain.configtools import ConfigError, load_config, save_config
 
 log = logging.getLogger("pipeline")
-
-RESUME_KEYS = ("input", "crawl.shard_size", "crawl.image_size", "crawl.resize_mode")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="crawl a URL list / folder / tars into shards")
+    run = sub.add_parser("run", help="run a recipe's stages: crawl, dedup, embed, semdedup")
     run.add_argument("config", help="YAML recipe, e.g. configs/pipeline/crawl.yaml")
     run.add_argument("overrides", nargs="*", help="key=value overrides")
     run.add_argument("--address", default=None, help="Ray cluster address (else RAY_ADDRESS)")
@@ -39,44 +42,49 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def prepare_run(config: str, overrides: list[str]) -> tuple[PipelineConfig, int]:
-    """Load and check everything a run needs; raise ConfigError/InputError before any work."""
+    """Load and check everything a run needs; raise ConfigError/InputError before any work.
+    Returns the config and the number of input rows (0 when the crawl is not planned)."""
     cfg = load_config(PipelineConfig, config, overrides)
+    stages = plan.check_plan(cfg, RunLayout(cfg.output_dir))
     try:
-        check_crawl_config(cfg.crawl)
+        if "crawl" in stages:
+            check_crawl_config(cfg.crawl)
+        if "embed" in stages or ("semdedup" in stages and cfg.decontaminate.sets):
+            check_embed_config(cfg.embed)
+        if "semdedup" in stages:
+            from pipeline.stages.semdedup import check_decontaminate_config, check_semdedup_config
+
+            check_semdedup_config(cfg.semdedup)
+            check_decontaminate_config(cfg.decontaminate)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    total = check_input(cfg.input)
-    _check_same_run(cfg)
+    if "embed" in stages or cfg.decontaminate.sets:
+        _check_checkpoint(cfg.embed.checkpoint)
+    total = check_input(cfg.input) if "crawl" in stages else 0
     return cfg, total
 
 
-def _check_same_run(cfg: PipelineConfig) -> None:
-    """Resuming with a different input or shard layout would mix two runs: refuse."""
-    saved_path = Path(cfg.output_dir) / "config.yaml"
-    if not saved_path.exists():
-        return
-    saved = to_dict(load_config(PipelineConfig, saved_path))
-    current = to_dict(cfg)
-    for dotted in RESUME_KEYS:
-        old, new = saved, current
-        for part in dotted.split("."):
-            old, new = old[part], new[part]
-        if old != new:
-            raise ConfigError(
-                f"{cfg.output_dir} holds a run with a different {dotted} ({old!r} != {new!r}): "
-                "use a new output_dir"
-            )
+def _check_checkpoint(path: str) -> None:
+    """The embedder's weights must exist before a cluster spins up for them."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"embed.checkpoint: {path} does not exist")
+    if p.is_dir() and not (p / "teacher_backbone.safetensors").is_file():
+        raise ConfigError(
+            f"embed.checkpoint: {path} is a directory without teacher_backbone.safetensors "
+            f"(export it: python -m pretrain.export --checkpoint {path})"
+        )
 
 
 def _run(args: argparse.Namespace) -> int:
     cfg, total = prepare_run(args.config, args.overrides)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    from pipeline.runner import run_crawl  # imports Ray: only once the input is known good
+    from pipeline.runner import run_pipeline  # imports Ray: only once the input is known good
 
-    summary = run_crawl(cfg, total, args.address)
-    print(json.dumps(summary, indent=2))
-    return 1 if summary["failed_shards"] else 0
+    summary = run_pipeline(cfg, total, args.address)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0 if summary["ok"] else 1
 
 
 def _manifest(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
-"""Config schema of the pipeline's crawl stage (values in configs/pipeline/*.yaml).
+"""Config schema of the pipeline (values in configs/pipeline/*.yaml).
 
 Each component receives only its own section: the fetcher and image processor read ``crawl``,
-the source readers ``input``, the runner ``ray``, the dedup view ``dedup``.
+the source readers ``input``, the runner ``ray``, the dedup view ``dedup``, the embedder
+``embed``, semantic dedup ``semdedup`` and ``decontaminate``.
 """
 
 from __future__ import annotations
@@ -51,8 +52,39 @@ class CrawlConfig:
 
 @dataclass
 class DedupConfig:
-    enabled: bool = True
     phash_threshold: int = 4  # max Hamming distance between 64-bit pHashes
+
+
+@dataclass
+class EmbedConfig:
+    checkpoint: str = ""  # official DINOv2 .pth / DINOv2-layout .safetensors / dinoforge train dir
+    image_size: int = 224  # centre crop after resizing the short side to image_size / 0.875
+    features: str = "cls"  # cls | cls_patch_mean (CLS concatenated with the mean patch token)
+    batch_size: int = 64
+    decode_threads: int = 4  # per embedding actor: decode + preprocess overlap the forward
+    actors: int = 0  # 0: one per GPU, or one on a CPU-only cluster
+    cpus_per_actor: float = 1.0
+    torch_threads: int = 0  # 0: torch's default (the actor's share of the machine)
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class SemDedupConfig:
+    k: int = 64  # nearest neighbours per image (capped by the pool size)
+    threshold: float = 0.9  # cosine similarity above which two images are copies
+    index: str = "auto"  # auto | flat | ivf
+    ivf_min_size: int = 200_000  # auto: IVF at and above this many embeddings
+    ivf_nlist: int = 0  # 0: about 4 * sqrt(N)
+    ivf_nprobe: int = 32
+    pq_m: int = 0  # >0: IVF-PQ with this many sub-quantizers (memory at scale)
+    query_chunk: int = 65536  # queries per search call / Ray task
+    use_gpu: bool = True  # FAISS on GPU when the machine has one
+
+
+@dataclass
+class DecontaminateConfig:
+    sets: list[str] = field(default_factory=list)  # folders or tar globs of evaluation images
+    threshold: float = 0.45  # cosine similarity to an eval image that removes a component
 
 
 @dataclass
@@ -66,9 +98,16 @@ class RayConfig:
 @dataclass
 class PipelineConfig:
     output_dir: str = MISSING
+    # The stages to run, in order (see pipeline/stages): a recipe lists its own; a subset reuses
+    # the finished outputs of the stages it leaves out.
+    stages: list[str] = field(default_factory=lambda: ["crawl", "dedup"])
+    redo: list[str] = field(default_factory=list)  # clear these stages (and all later) first
     input: InputConfig = field(default_factory=InputConfig)
     crawl: CrawlConfig = field(default_factory=CrawlConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    semdedup: SemDedupConfig = field(default_factory=SemDedupConfig)
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -95,3 +134,25 @@ def check_crawl_config(crawl: CrawlConfig) -> None:
         raise ValueError("crawl.retries, crawl.max_redirects and crawl.min_size must be >= 0")
     if not 1 <= crawl.jpeg_quality <= 100:
         raise ValueError(f"crawl.jpeg_quality must be in 1..100, got {crawl.jpeg_quality}")
+
+
+EMBED_FEATURES = ("cls", "cls_patch_mean")
+EMBED_DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_embed_config(embed: EmbedConfig) -> None:
+    """Raise ValueError naming the first embed setting outside its range."""
+    if not embed.checkpoint:
+        raise ValueError(
+            "embed.checkpoint is not set: give an official DINOv2 .pth, a DINOv2-layout "
+            ".safetensors file, or a dinoforge training output dir"
+        )
+    if embed.features not in EMBED_FEATURES:
+        raise ValueError(f"embed.features must be one of {EMBED_FEATURES}, got {embed.features!r}")
+    if embed.device not in EMBED_DEVICES:
+        raise ValueError(f"embed.device must be one of {EMBED_DEVICES}, got {embed.device!r}")
+    for name in ("image_size", "batch_size", "decode_threads"):
+        if getattr(embed, name) <= 0:
+            raise ValueError(f"embed.{name} must be > 0, got {getattr(embed, name)}")
+    if embed.actors < 0 or embed.torch_threads < 0 or embed.cpus_per_actor <= 0:
+        raise ValueError("embed.actors and embed.torch_threads must be >= 0, cpus_per_actor > 0")

@@ -26,7 +26,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline" / "crawl.y
 
 def run_demo(output_dir: Path, images: int = 1500, seed: int = 0, shard_size: int = 500) -> Path:
     """Build, serve and crawl the simulated web; return the run directory."""
-    from pipeline.runner import run_crawl
+    from pipeline.runner import run_pipeline
 
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -55,7 +55,7 @@ def run_demo(output_dir: Path, images: int = 1500, seed: int = 0, shard_size: in
         from pretrain.configtools import save_config
 
         save_config(cfg, run_dir / "config.yaml")
-        run_crawl(cfg, total)
+        run_pipeline(cfg, total)
     print(manifest.render("summary", manifest.summary(run_dir)))
     print(f"planted: {n_dup} exact, {n_dup} near duplicates, {n_dup} broken URLs")
     print(f"run directory: {run_dir}  ({time.time() - started:.0f} s in all)")

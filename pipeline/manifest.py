@@ -15,18 +15,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline import plan
+from pipeline.layout import RunLayout
 from pipeline.shardio import iter_tar_samples, read_stats
+from pipeline.stages import STAGE_NAMES
 
 SIZE_BINS = (0, 256, 512, 1024, 2048, 4096)
 
 
 def _shard_files(run_dir: Path) -> list[tuple[int, Path, Path, Path]]:
-    crawl = run_dir / "crawl"
-    out = []
-    for stats in sorted(crawl.glob("*.stats.json")):
-        name = stats.name.split(".")[0]
-        out.append((int(name), crawl / f"{name}.tar", crawl / f"{name}.parquet", stats))
-    return out
+    return [(s.index, s.tar, s.parquet, s.stats) for s in RunLayout(run_dir).crawl_done()]
 
 
 def shards(run_dir: Path) -> dict:
@@ -70,10 +68,35 @@ def summary(run_dir: Path) -> dict:
         "urls_per_s": round(rows / wall, 1) if wall > 0 else None,
         "original_size_histogram": {k: histogram[k] for k in _bin_labels() if histogram[k]},
     }
-    dedup_summary = run_dir / "dedup" / "summary.json"
-    if dedup_summary.exists():
-        report["dedup"] = json.loads(dedup_summary.read_text())
+    layout = RunLayout(run_dir)
+    if layout.dedup_summary.exists():
+        report["dedup"] = json.loads(layout.dedup_summary.read_text())
+    report.update(_curation_counts(layout))
     return report
+
+
+def _curation_counts(layout: RunLayout) -> dict:
+    """Stage states, embedding counts, semantic dedup and decontamination counts."""
+    out: dict = {"stages": {}}
+    for stage in STAGE_NAMES:
+        state = plan.read_state(layout, stage)
+        if state:
+            out["stages"][stage] = state["state"]
+    parts = layout.embed_done()
+    if parts:
+        markers = [read_stats(p.done) for p in parts]
+        out["embed"] = {
+            "shards": len(parts),
+            "images": sum(m["count"] for m in markers),
+            "undecodable": sum(m["failures"] for m in markers),
+            "dim": markers[0]["dim"],
+            "backbone": ((plan.read_state(layout, "embed") or {}).get("summary") or {}).get(
+                "backbone"
+            ),
+        }
+    if layout.semantic_summary.exists():
+        out["semdedup"] = json.loads(layout.semantic_summary.read_text())
+    return out
 
 
 def _bin_labels() -> list[str]:

@@ -1,9 +1,17 @@
-"""Runs the crawl on Ray: one task per input shard, a bounded number in flight.
+"""Runs the planned stages on Ray, in order; the only module of the pipeline that imports Ray.
 
-The only module of the pipeline that imports Ray. The driver reads the input lazily, skips
-shards whose stats.json exists (resume), submits the rest, logs progress as tasks finish, and
-builds the dedup view at the end. Killing it at any moment loses nothing: a shard counts as done
-only once its stats file is in place, and a rerun redoes unfinished shards from scratch.
+- crawl: one Ray task per input shard, a bounded number in flight; a shard is done once its
+  stats file is in place, and a rerun redoes unfinished shards from scratch.
+- dedup: on the driver, over the crawl manifests (reads only parquet columns).
+- embed: a pool of actors (`ray.util.ActorPool`), each loading the backbone once (one GPU each
+  when the cluster has GPUs, fractional CPUs otherwise); one crawl shard per call, its done
+  marker carrying a token of its inputs, so a rerun skips exactly the shards still valid.
+- semdedup: embeddings memory-mapped on the driver, FAISS index built once, query chunks spread
+  over Ray tasks (the index shipped through the object store) when the pool spans several
+  chunks; evaluation sets embedded by the same actors.
+
+Killing the driver at any moment loses nothing finished: every file is written then renamed,
+done markers last.
 """
 
 from __future__ import annotations
@@ -13,15 +21,19 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import ray
+from ray.util import ActorPool
 
-from pipeline.config import CrawlConfig, PipelineConfig
-from pipeline.crawl import crawl_shard
-from pipeline.dedup import run_dedup
-from pipeline.shardio import clear_temporaries, is_done, read_stats, shard_paths
+from pipeline import plan
+from pipeline.config import CrawlConfig, EmbedConfig, PipelineConfig
+from pipeline.layout import RunLayout, clear_temporaries, shard_of_key, token
+from pipeline.shardio import read_stats
 from pipeline.sources import iter_shards
-from pretrain.configtools import to_object
+from pipeline.stages.crawl import crawl_shard
+from pipeline.stages.dedup import run_dedup
+from pretrain.configtools import atomic_write_text, to_object
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +59,37 @@ def connect(cfg: PipelineConfig, address: str | None) -> None:
     )
 
 
+def run_pipeline(cfg: PipelineConfig, total_rows: int, address: str | None = None) -> dict:
+    """Run every planned stage in order; stop at the first that leaves work unfinished."""
+    layout = RunLayout(cfg.output_dir)
+    stages = plan.check_plan(cfg, layout)
+    removed = plan.apply_redo(cfg, layout)
+    if removed:
+        log.info("redo: cleared the outputs of %s", ", ".join(removed))
+    runners = {"crawl": _run_crawl, "dedup": _run_dedup, "embed": _run_embed,
+               "semdedup": _run_semdedup}  # fmt: skip
+    summary: dict[str, Any] = {"stages": stages, "ok": True}
+    connect(cfg, address)
+    try:
+        for stage in stages:
+            started = time.time()
+            plan.mark(layout, cfg, stage, "running")
+            result = runners[stage](cfg, layout, total_rows)
+            result["duration_s"] = round(time.time() - started, 2)
+            summary[stage] = result
+            if result.get("unfinished"):
+                log.error("stage %s left work unfinished: rerun the same command", stage)
+                summary["ok"] = False
+                break
+            plan.mark(layout, cfg, stage, "done", summary=result,
+                      input_token=result.pop("input_token", None))  # fmt: skip
+    finally:
+        ray.shutdown()
+    return summary
+
+
 class Progress:
-    """Aggregates finished shards' stats; logs URLs/s, success rate and failures by reason."""
+    """Aggregates finished crawl shards' stats; logs URLs/s, success rate, failures by reason."""
 
     def __init__(self, total_rows: int) -> None:
         self.total_rows = total_rows
@@ -71,43 +112,39 @@ class Progress:
         )  # fmt: skip
 
 
-def run_crawl(cfg: PipelineConfig, total_rows: int, address: str | None = None) -> dict:
-    """Crawl every shard not yet done; returns counts of this invocation."""
-    crawl_dir = Path(cfg.output_dir) / "crawl"
-    crawl_dir.mkdir(parents=True, exist_ok=True)
-    clear_temporaries(crawl_dir)
+def _run_crawl(cfg: PipelineConfig, layout: RunLayout, total_rows: int) -> dict:
+    """Crawl every input shard not yet done."""
+    layout.crawl_dir.mkdir(parents=True, exist_ok=True)
+    clear_temporaries(layout.crawl_dir)
     crawl = to_object(cfg.crawl)
-    connect(cfg, address)
-    try:
-        in_flight_limit = cfg.ray.max_tasks_in_flight or max(
-            2, 2 * int(ray.cluster_resources().get("CPU", 1))
-        )
-        progress = Progress(total_rows)
-        pending: dict[ray.ObjectRef, int] = {}
-        skipped = 0
-        for index, table in iter_shards(cfg.input, crawl.shard_size):
-            if is_done(crawl_dir, index) and not (
-                crawl.retry_failed and _has_failures(crawl_dir, index)
-            ):
-                skipped += 1
-                continue
-            while len(pending) >= in_flight_limit:
-                _collect_one(pending, progress)
-            task = _crawl_task.options(num_cpus=cfg.ray.cpus_per_task)
-            pending[task.remote(table, index, str(crawl_dir), crawl, cfg.input.kind)] = index
-        while pending:
+    in_flight_limit = cfg.ray.max_tasks_in_flight or max(
+        2, 2 * int(ray.cluster_resources().get("CPU", 1))
+    )
+    progress = Progress(total_rows)
+    pending: dict[ray.ObjectRef, int] = {}
+    skipped = 0
+    for index, table in iter_shards(cfg.input, crawl.shard_size):
+        shard = layout.crawl_shard(index)
+        if shard.stats.exists() and not (
+            crawl.retry_failed and read_stats(shard.stats)["failures"] > 0
+        ):
+            skipped += 1
+            continue
+        while len(pending) >= in_flight_limit:
             _collect_one(pending, progress)
-    finally:
-        ray.shutdown()
+        task = _crawl_task.options(num_cpus=cfg.ray.cpus_per_task)
+        ref = task.remote(table, index, str(layout.crawl_dir), crawl, cfg.input.kind)
+        pending[ref] = index
+    while pending:
+        _collect_one(pending, progress)
     log.info("crawl finished: %d shards crawled, %d already done", progress.shards, skipped)
-    summary = {
+    write_train_shard_list(layout, [s.tar for s in layout.crawl_done()])
+    return {
         "crawled_shards": progress.shards,
         "skipped_shards": skipped,
         "failed_shards": progress.failed_shards,
+        "unfinished": bool(progress.failed_shards),
     }
-    if cfg.dedup.enabled:
-        summary["dedup"] = run_dedup(Path(cfg.output_dir), cfg.dedup.phash_threshold)
-    return summary
 
 
 def _collect_one(pending: dict[ray.ObjectRef, int], progress: Progress) -> None:
@@ -122,5 +159,208 @@ def _collect_one(pending: dict[ray.ObjectRef, int], progress: Progress) -> None:
         progress.failed_shards.append(index)
 
 
-def _has_failures(crawl_dir: Path, index: int) -> bool:
-    return read_stats(shard_paths(crawl_dir, index)["stats"])["failures"] > 0
+def write_train_shard_list(layout: RunLayout, tars: list[Path]) -> None:
+    """RUN/train_shards.txt: what `pretrain.train data.shards=RUN` reads."""
+    lines = [str(Path(t).relative_to(layout.root)) for t in tars]
+    atomic_write_text(layout.train_shard_list, "".join(f"{line}\n" for line in lines))
+
+
+def _run_dedup(cfg: PipelineConfig, layout: RunLayout, total_rows: int) -> dict:
+    input_token = _crawl_token(layout)
+    if plan.is_done(layout, "dedup", input_token):
+        log.info("dedup: up to date with the crawl, skipped")
+        return {"skipped": True, "input_token": input_token}
+    result = run_dedup(layout, cfg.dedup.phash_threshold)
+    log.info("dedup: %s", result)
+    return {**result, "input_token": input_token}
+
+
+def _crawl_token(layout: RunLayout) -> str:
+    return token([(s.index, s.stats.read_text()) for s in layout.crawl_done()])
+
+
+# -- embed ------------------------------------------------------------------------------------
+
+
+@ray.remote
+class EmbedActor:
+    """Loads the backbone once; embeds one crawl shard (or evaluation set) per call."""
+
+    def __init__(self, embed: EmbedConfig) -> None:
+        logging.basicConfig(level=logging.INFO)
+        import torch
+
+        from pipeline.stages.embed import Embedder
+
+        if embed.torch_threads:
+            torch.set_num_threads(embed.torch_threads)
+        self.embedder = Embedder(embed)
+
+    def describe(self) -> dict:
+        loaded = self.embedder.loaded
+        return {"name": loaded.name, "source": str(loaded.source), "sha256": loaded.sha256,
+                "dim": self.embedder.dim, "device": str(self.embedder.device)}  # fmt: skip
+
+    def embed_shard(self, shard, drop: set[str], part, token_: str) -> dict:
+        from pipeline.stages.embed import embed_crawl_shard
+
+        return embed_crawl_shard(self.embedder, shard, drop, part, token_)
+
+    def embed_eval_set(self, spec: str, part, token_: str) -> dict:
+        from pipeline.stages.embed import embed_eval_set
+
+        return embed_eval_set(self.embedder, spec, part, token_)
+
+
+def embed_actors(cfg: PipelineConfig) -> list:
+    """The actor pool: one GPU each on a GPU cluster, else fractional CPUs (so that the driver's
+    own tasks are never starved, as Ray's default of a whole CPU per actor would)."""
+    embed = to_object(cfg.embed)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0 and embed.device != "cpu"
+    count = embed.actors or (gpus if use_gpu else 1)
+    options = {"num_gpus": 1, "num_cpus": embed.cpus_per_actor} if use_gpu else {
+        "num_cpus": min(embed.cpus_per_actor, 0.5)}  # fmt: skip
+    log.info("embed: %d actor(s) with %s", count, options)
+    return [EmbedActor.options(**options).remote(embed) for _ in range(count)]
+
+
+def _run_embed(cfg: PipelineConfig, layout: RunLayout, total_rows: int) -> dict:
+    """Embed every crawl shard whose done marker is missing or was computed from other inputs."""
+    layout.embed_dir.mkdir(parents=True, exist_ok=True)
+    clear_temporaries(layout.embed_dir)
+    settings = plan.stage_settings(cfg, "embed")
+    drops = _dedup_drops(layout)
+    jobs, skipped = [], 0
+    for shard in layout.crawl_done():
+        part = layout.embed_part(shard.stats.name.split(".")[0])
+        tok = token(settings, shard.stats.read_text(), sorted(drops.get(shard.index, ())))
+        if part.done.exists() and read_stats(part.done).get("token") == tok:
+            skipped += 1
+            continue
+        jobs.append((shard, drops.get(shard.index, set()), part, tok))
+    actors = embed_actors(cfg) if jobs else []
+    backbone = ray.get(actors[0].describe.remote()) if actors else _previous_backbone(layout)
+    images, failures, started = 0, 0, time.time()
+    for marker in ActorPool(actors).map_unordered(lambda a, j: a.embed_shard.remote(*j), jobs):
+        images += marker["count"]
+        failures += marker["failures"]
+        log.info("embed: shard %05d done (%d images, %d undecodable), %.1f images/s overall",
+                 marker["shard"], marker["count"], marker["failures"],
+                 images / max(time.time() - started, 1e-9))  # fmt: skip
+    return {"embedded_shards": len(jobs), "skipped_shards": skipped, "images": images,
+            "undecodable": failures, "backbone": backbone}  # fmt: skip
+
+
+def _dedup_drops(layout: RunLayout) -> dict[int, set[str]]:
+    """Crawl shard index -> keys that exact/pHash dedup marks as duplicates (not embedded)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(layout.dedup_parquet, columns=["key", "duplicate_of"])
+    drops: dict[int, set[str]] = collections.defaultdict(set)
+    for key in table.filter(pc.is_valid(table["duplicate_of"]))["key"].to_pylist():
+        drops[shard_of_key(key)].add(key)
+    return drops
+
+
+def _previous_backbone(layout: RunLayout) -> dict | None:
+    state = plan.read_state(layout, "embed") or {}
+    return (state.get("summary") or {}).get("backbone")
+
+
+# -- semantic dedup ---------------------------------------------------------------------------
+
+
+def _run_semdedup(cfg: PipelineConfig, layout: RunLayout, total_rows: int) -> dict:
+    """Copies by embedding and eval-set decontamination over every embedded sample."""
+    from pipeline.stages import semdedup
+
+    parts = layout.embed_done()
+    eval_parts = _embed_eval_sets(cfg, layout)
+    input_token = token(
+        plan.stage_settings(cfg, "semdedup"),
+        [read_stats(p.done)["token"] for p in parts],
+        [read_stats(p.done)["token"] for p in eval_parts],
+    )
+    if plan.is_done(layout, "semdedup", input_token) and layout.semantic_parquet.exists():
+        log.info("semdedup: up to date with the embeddings, skipped")
+        return {"skipped": True, "input_token": input_token}
+    pool, keys, areas = _load_pool(layout, parts)
+    evals, eval_keys = _load_parts(eval_parts)
+    sem = to_object(cfg.semdedup)
+    table, result = semdedup.semantic_dedup(
+        pool, keys, areas, sem, eval_parts=evals or None, eval_keys=eval_keys or None,
+        decon_threshold=cfg.decontaminate.threshold, search=_ray_search(sem),
+    )  # fmt: skip
+    from pipeline.shardio import write_parquet_atomic
+
+    write_parquet_atomic(table, layout.semantic_parquet)
+    result["decontamination_sets"] = list(cfg.decontaminate.sets)
+    atomic_write_text(layout.semantic_summary, _json(result))
+    log.info("semdedup: %s", result)
+    return {**result, "input_token": input_token}
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def _load_parts(parts: list) -> tuple[list, list[str]]:
+    from pipeline.stages.embed import read_part
+
+    arrays, keys = [], []
+    for part in parts:
+        feats, part_keys = read_part(part)
+        arrays.append(feats)
+        keys += part_keys
+    return arrays, keys
+
+
+def _load_pool(layout: RunLayout, parts: list) -> tuple[list, list[str], Any]:
+    """Memory-mapped embeddings per part, their keys, and each sample's original area."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    arrays, keys = _load_parts(parts)
+    areas = np.zeros(len(keys), np.int64)
+    row = 0
+    for part, feats in zip(parts, arrays):
+        shard = layout.crawl_shard(int(part.name))
+        table = pq.read_table(shard.parquet, columns=["key", "original_width", "original_height"])
+        area = {k: int(w or 0) * int(h or 0) for k, w, h in zip(*table.to_pydict().values())}
+        for i, key in enumerate(keys[row : row + feats.shape[0]]):
+            areas[row + i] = area.get(key, 0)
+        row += feats.shape[0]
+    return arrays, keys, areas
+
+
+def _embed_eval_sets(cfg: PipelineConfig, layout: RunLayout) -> list:
+    """Embed each decontamination set once (cached under RUN/embed/eval/) with the pool's model."""
+    from pipeline.stages.embed import eval_set_files
+
+    if not cfg.decontaminate.sets:
+        return []
+    layout.eval_embed_dir.mkdir(parents=True, exist_ok=True)
+    clear_temporaries(layout.eval_embed_dir)
+    settings = plan.stage_settings(cfg, "embed")
+    parts, jobs = [], []
+    for i, spec in enumerate(cfg.decontaminate.sets):
+        listing = [(p, os.path.getsize(p)) for p, _ in eval_set_files(spec)]
+        tok = token(settings, spec, listing)
+        part = layout.embed_part(f"set{i:02d}", eval_set=True)
+        parts.append(part)
+        if not (part.done.exists() and read_stats(part.done).get("token") == tok):
+            jobs.append((spec, part, tok))
+    if jobs:
+        pool = ActorPool(embed_actors(cfg))
+        for marker in pool.map_unordered(lambda a, j: a.embed_eval_set.remote(*j), jobs):
+            log.info("decontaminate: embedded %d images of %s", marker["count"], marker["set"])
+    return parts
+
+
+def _ray_search(sem: Any):
+    """A search function for semdedup that spreads query chunks over Ray tasks."""
+    return None

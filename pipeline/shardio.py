@@ -1,7 +1,8 @@
-"""Shard files: RUN/crawl/NNNNN.{tar,parquet,stats.json}, written atomically.
+"""Atomic writers and readers of shard files: tars, parquet, npy, stats JSON.
 
-The tar and parquet are written under temporary names and renamed into place; the stats file
-is written last, so its presence means the shard is complete and consistent.
+Everything is written under a temporary name and renamed into place; a stage writes its done
+marker last, so the marker's presence means the files beside it are complete and consistent.
+Where the files live is `pipeline.layout`'s business.
 """
 
 from __future__ import annotations
@@ -10,55 +11,18 @@ import io
 import json
 import os
 import tarfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.layout import CRAWL_SCHEMA, temp_name
 from pretrain.configtools import atomic_write_text
 
-MANIFEST_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("url", pa.string()),
-        ("status", pa.string()),
-        ("error_type", pa.string()),
-        ("error_message", pa.string()),
-        ("http_status", pa.int32()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("original_width", pa.int32()),
-        ("original_height", pa.int32()),
-        ("sha256", pa.string()),
-        ("bytes", pa.int64()),
-        ("phash", pa.uint64()),
-        ("jpg_sha256", pa.string()),
-    ]
-)
+MANIFEST_SCHEMA = CRAWL_SCHEMA
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
-
-
-def shard_name(index: int) -> str:
-    return f"{index:05d}"
-
-
-def shard_paths(crawl_dir: Path, index: int) -> dict[str, Path]:
-    name = shard_name(index)
-    return {
-        "tar": crawl_dir / f"{name}.tar",
-        "parquet": crawl_dir / f"{name}.parquet",
-        "stats": crawl_dir / f"{name}.stats.json",
-    }
-
-
-def is_done(crawl_dir: Path, index: int) -> bool:
-    return shard_paths(crawl_dir, index)["stats"].exists()
-
-
-def done_shards(crawl_dir: Path) -> list[int]:
-    return sorted(int(p.name.split(".")[0]) for p in crawl_dir.glob("*.stats.json"))
 
 
 class TarSink:
@@ -66,7 +30,7 @@ class TarSink:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.tmp = _temp_name(path)
+        self.tmp = temp_name(path)
         self._tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
 
     def add(self, key: str, jpeg: bytes, meta: dict) -> None:
@@ -92,15 +56,18 @@ class TarSink:
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
 
-def _temp_name(path: Path) -> Path:
-    # Unique per writer: a stray task of a killed driver can never share a temp file with a
-    # task of the rerun.
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+def write_npy_atomic(array: np.ndarray, path: Path) -> None:
+    tmp = temp_name(path)
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def write_stats(stats: dict, path: Path) -> None:
@@ -126,9 +93,3 @@ def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             files[ext] = tar.extractfile(member).read()
         if key is not None:
             yield key, files
-
-
-def clear_temporaries(crawl_dir: Path) -> None:
-    """Remove half-written files a killed run left behind."""
-    for tmp in crawl_dir.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+TRAIN_SHARD_LIST = "train_shards.txt"  # written by the pipeline into every run directory
 _GLOB_CHARS = set("*?[")
 
 
@@ -69,13 +70,17 @@ def _expand_one(entry: str) -> list[str]:
 
 
 def _shards_of_run_dir(run_dir: Path) -> list[str]:
-    # A curation run's training shards; a crawl-only run's tars; else the tars in the folder.
-    for pattern in ("curated/shards/*.tar", "crawl/*.tar", "*.tar"):
-        found = sorted(glob.glob(str(run_dir / pattern)))
-        if found:
-            return found
+    # A pipeline run names its training shards in RUN/train_shards.txt (the pipeline owns its
+    # layout: curated shards once curation ran, else the crawl's); any other folder: its tars.
+    listed = run_dir / TRAIN_SHARD_LIST
+    if listed.is_file():
+        return _expand_one(str(listed))
+    found = sorted(glob.glob(str(run_dir / "*.tar")))
+    if found:
+        return found
     raise ShardListError(
-        f"data.shards: directory {run_dir} holds no curated/shards/*.tar, crawl/*.tar or *.tar"
+        f"data.shards: directory {run_dir} holds neither {TRAIN_SHARD_LIST} (a pipeline run) "
+        "nor *.tar files"
     )
 
 

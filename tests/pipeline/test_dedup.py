@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.dedup import find_duplicates, near_pairs
+from pipeline.stages.dedup import find_duplicates, near_pairs
 
 
 def _brute_force(hashes: np.ndarray, threshold: int) -> set[tuple[int, int]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.crawl import crawl_shard
 from pipeline.shardio import iter_tar_samples, read_stats
+from pipeline.stages.crawl import crawl_shard
 
 EXPECTED = {
     "fault/404": ("failed", "http_error", 404),

@@ -17,8 +17,8 @@ from PIL import Image
 
 from pipeline.cli import prepare_run
 from pipeline.config import CrawlConfig, InputConfig
-from pipeline.crawl import crawl_shard
 from pipeline.sources import InputError, check_input, iter_shards
+from pipeline.stages.crawl import crawl_shard
 from pretrain.configtools import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,14 +91,19 @@ def test_cli_reports_bad_input_with_exit_code_2_and_starts_no_ray(tmp_path):
 
 
 def test_resume_with_other_shard_size_is_refused(tmp_path):
+    from pipeline import plan
+    from pipeline.layout import RunLayout
+
     path = _write(tmp_path / "urls.txt", "txt")
     args = [f"input.urls={path}", f"output_dir={tmp_path / 'run'}"]
     cfg, _ = prepare_run(CONFIG, args)
-    from pretrain.configtools import save_config
-
-    save_config(cfg, tmp_path / "run" / "config.yaml")
-    with pytest.raises(ConfigError, match="different crawl.shard_size"):
+    plan.mark(RunLayout(cfg.output_dir), cfg, "crawl", "running")  # a killed first run
+    with pytest.raises(ConfigError, match=r"stage 'crawl' ran with crawl.shard_size=10000"):
         prepare_run(CONFIG, [*args, "crawl.shard_size=7"])
+    # Settings outside the crawl's output (timeouts, threads) may change on resume.
+    prepare_run(CONFIG, [*args, "crawl.threads_per_task=3", "crawl.read_timeout_s=2"])
+    # redo=[crawl] is the documented way to start the stage (and all later ones) afresh.
+    prepare_run(CONFIG, [*args, "crawl.shard_size=7", "redo=[crawl]"])
 
 
 def _image(color) -> bytes:

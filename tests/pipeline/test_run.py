@@ -132,7 +132,7 @@ def test_resume_after_sigkill_gives_the_same_keys(
 
     rerun = _cli(*_run_args(urls, killed, "ray.max_tasks_in_flight=1"), address=ray_address)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert json.loads(rerun.stdout)["skipped_shards"] >= done_before
+    assert json.loads(rerun.stdout)["crawl"]["skipped_shards"] >= done_before
     assert _successful_keys(killed) == _successful_keys(reference)
     assert len(_successful_keys(reference)) == 2 * (len(small_web.images))
     assert not list((killed / "crawl").glob(".*.tmp"))

@@ -32,13 +32,20 @@ def test_resolve_glob_list_listfile_and_run_dirs(shard_dir, tmp_path):
     listing = tmp_path / "train.txt"
     listing.write_text("# my shards\n" + "\n".join(shards[1:]) + "\n")
     assert resolve_shards(str(listing)) == shards[1:]
+    # A pipeline run directory: the shards its train_shards.txt names, relative to the run.
     crawl_run = tmp_path / "crawlrun"
     (crawl_run / "crawl").mkdir(parents=True)
     shutil.copy(shards[0], crawl_run / "crawl" / "00000.tar")
+    (crawl_run / "train_shards.txt").write_text("crawl/00000.tar\n")
     assert resolve_shards(str(crawl_run)) == [str(crawl_run / "crawl" / "00000.tar")]
     (crawl_run / "curated" / "shards").mkdir(parents=True)
     shutil.copy(shards[1], crawl_run / "curated" / "shards" / "000000.tar")
+    (crawl_run / "train_shards.txt").write_text("curated/shards/000000.tar\n")
     assert resolve_shards(str(crawl_run)) == [str(crawl_run / "curated/shards/000000.tar")]
+    loose = tmp_path / "loose"  # any other folder: its tars
+    loose.mkdir()
+    shutil.copy(shards[2], loose / "a.tar")
+    assert resolve_shards(str(loose)) == [str(loose / "a.tar")]
 
 
 def test_missing_and_empty_shards_are_clear_errors(tmp_path):
@@ -49,7 +56,7 @@ def test_missing_and_empty_shards_are_clear_errors(tmp_path):
     with pytest.raises(ShardListError, match="matches no shard"):
         resolve_shards(str(tmp_path / "*.tar"))
     (tmp_path / "emptyrun").mkdir()
-    with pytest.raises(ShardListError, match="holds no curated/shards"):
+    with pytest.raises(ShardListError, match="holds neither train_shards.txt"):
         resolve_shards(str(tmp_path / "emptyrun"))
 
 

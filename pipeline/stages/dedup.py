@@ -12,36 +12,25 @@ exactly on at least one substring and meet in one bucket; no O(N^2) pair scan.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.layout import CRAWL_SCHEMA, DEDUP_SCHEMA, RunLayout
 from pipeline.shardio import write_parquet_atomic
 from pretrain.configtools import atomic_write_text
 
-DEDUP_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("duplicate_of", pa.string()),
-        ("reason", pa.string()),
-        ("distance", pa.int32()),
-    ]
-)
 
-
-def load_successes(crawl_dir: Path) -> pa.Table:
-    """key, sha256, phash of every successful sample across done shards, sorted by key."""
+def load_successes(layout: RunLayout, columns: tuple[str, ...] = ("sha256", "phash")) -> pa.Table:
+    """key + ``columns`` of every successful sample across done crawl shards, sorted by key."""
     tables = []
-    for stats in sorted(crawl_dir.glob("*.stats.json")):
-        parquet = crawl_dir / stats.name.replace(".stats.json", ".parquet")
-        table = pq.read_table(parquet, columns=["key", "status", "sha256", "phash"])
+    for shard in layout.crawl_done():
+        table = pq.read_table(shard.parquet, columns=["key", "status", *columns])
         tables.append(table.filter(pc.equal(table["status"], "success")).drop(["status"]))
     if not tables:
-        return pa.table({"key": pa.array([], pa.string()), "sha256": pa.array([], pa.string()),
-                         "phash": pa.array([], pa.uint64())})  # fmt: skip
+        return CRAWL_SCHEMA.empty_table().select(["key", *columns])
     return pa.concat_tables(tables).sort_by("key")
 
 
@@ -102,12 +91,11 @@ def find_duplicates(table: pa.Table, threshold: int) -> pa.Table:
     )
 
 
-def run_dedup(run_dir: Path, threshold: int) -> dict:
+def run_dedup(layout: RunLayout, threshold: int) -> dict:
     """Write RUN/dedup/dedup.parquet and dedup/summary.json; return the summary."""
-    result = find_duplicates(load_successes(run_dir / "crawl"), threshold)
-    out = run_dir / "dedup"
-    out.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(result, out / "dedup.parquet")
+    result = find_duplicates(load_successes(layout), threshold)
+    layout.dedup_dir.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(result, layout.dedup_parquet)
     reasons = result["reason"].to_pylist()
     summary = {
         "samples": result.num_rows,
@@ -116,5 +104,5 @@ def run_dedup(run_dir: Path, threshold: int) -> dict:
         "near_duplicates": reasons.count("near"),
         "phash_threshold": threshold,
     }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(layout.dedup_summary, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -20,12 +20,12 @@ import pyarrow.parquet as pq
 from pipeline.config import CrawlConfig
 from pipeline.fetch import Fetcher, FetchError
 from pipeline.imaging import ImageError, process_image
+from pipeline.layout import CrawlShard, crawl_shard_files, shard_name
 from pipeline.shardio import (
     MANIFEST_COLUMNS,
     MANIFEST_SCHEMA,
     TarSink,
     iter_tar_samples,
-    shard_paths,
     write_parquet_atomic,
     write_stats,
 )
@@ -37,7 +37,7 @@ Loader = Callable[[dict], tuple[bytes, int | None]]  # row -> (bytes, http_statu
 
 
 def sample_key(shard_index: int, row_index: int, key_width: int) -> str:
-    return f"{shard_index:05d}{row_index:0{key_width}d}"
+    return f"{shard_name(shard_index)}{row_index:0{key_width}d}"
 
 
 def key_width_for(shard_size: int) -> int:
@@ -85,14 +85,14 @@ def crawl_shard(
     """
     started = time.time()
     crawl_dir.mkdir(parents=True, exist_ok=True)
-    paths = shard_paths(crawl_dir, shard_index)
+    paths = crawl_shard_files(crawl_dir, shard_index)
     width = key_width_for(cfg.shard_size)
-    previous = _previous_results(paths) if paths["stats"].exists() else {}
+    previous = _previous_results(paths) if paths.stats.exists() else {}
     rows = table.to_pylist()
     fetcher = Fetcher(cfg) if kind == "urls" else None
     load = _url_loader(fetcher) if fetcher else local_loader(kind)
-    paths["stats"].unlink(missing_ok=True)  # not done until rewritten below
-    sink = TarSink(paths["tar"])
+    paths.stats.unlink(missing_ok=True)  # not done until rewritten below
+    sink = TarSink(paths.tar)
     records = []
     try:
         with ThreadPoolExecutor(cfg.threads_per_task) as pool:
@@ -109,9 +109,9 @@ def crawl_shard(
     finally:
         if fetcher:
             fetcher.close()
-    write_parquet_atomic(_manifest_table(records, table), paths["parquet"])
+    write_parquet_atomic(_manifest_table(records, table), paths.parquet)
     stats = _stats(records, shard_index, started)
-    write_stats(stats, paths["stats"])
+    write_stats(stats, paths.stats)
     return stats
 
 
@@ -148,10 +148,10 @@ def _settle(key: str, row: dict, pending: Future | tuple) -> tuple:
     return key, row, dict(record), jpeg, meta
 
 
-def _previous_results(paths: dict[str, Path]) -> dict[str, tuple[dict, bytes | None, dict | None]]:
+def _previous_results(paths: CrawlShard) -> dict[str, tuple[dict, bytes | None, dict | None]]:
     """Key -> (manifest record, jpeg, sample meta) of a finished shard, for retry_failed."""
-    records = pq.read_table(paths["parquet"], columns=list(MANIFEST_COLUMNS)).to_pylist()
-    samples = dict(iter_tar_samples(paths["tar"]))
+    records = pq.read_table(paths.parquet, columns=list(MANIFEST_COLUMNS)).to_pylist()
+    samples = dict(iter_tar_samples(paths.tar))
     out = {}
     for record in records:
         files = samples.get(record["key"], {})
