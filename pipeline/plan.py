@@ -84,13 +84,17 @@ def _redone(cfg: Any) -> set[str]:
 
 def _check_same_settings(cfg: Any, layout: RunLayout, stage: str, state: dict) -> None:
     now = stage_settings(cfg, stage)
-    for key, old in state.get("settings", {}).items():
-        if key in now and now[key] != old:
-            raise ConfigError(
-                f"{layout.root}: stage {stage!r} ran with {key}={old!r}, this run has "
-                f"{now[key]!r}. Keep the old value, add redo=[{stage}] to redo {stage!r} and "
-                f"every later stage ({', '.join(later_stages(stage))}), or use a new output_dir"
-            )
+    changed = [
+        f"{key}={old!r} (now {now[key]!r})"
+        for key, old in state.get("settings", {}).items()
+        if key in now and now[key] != old
+    ]
+    if changed:
+        raise ConfigError(
+            f"{layout.root}: stage {stage!r} ran with {'; '.join(changed)}. Keep the old "
+            f"values, add redo=[{stage}] to redo {stage!r} and every later stage "
+            f"({', '.join(later_stages(stage))}), or use a new output_dir"
+        )
 
 
 def apply_redo(cfg: Any, layout: RunLayout) -> list[str]:
@@ -123,8 +127,8 @@ def mark(layout: RunLayout, cfg: Any, stage: str, state: str, **fields: Any) -> 
     )
 
 
-def is_done(layout: RunLayout, stage: str, input_token: str | None = None) -> bool:
-    state = read_state(layout, stage)
+def is_done(state: dict | None, input_token: str | None = None) -> bool:
+    """Whether a stage state (``read_state``) is finished, from the same inputs if given."""
     if not state or state.get("state") != "done":
         return False
     return input_token is None or state.get("input_token") == input_token

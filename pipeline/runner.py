@@ -73,8 +73,9 @@ def run_pipeline(cfg: PipelineConfig, total_rows: int, address: str | None = Non
     try:
         for stage in stages:
             started = time.time()
+            previous = plan.read_state(layout, stage)
             plan.mark(layout, cfg, stage, "running")
-            result = runners[stage](cfg, layout, total_rows)
+            result = runners[stage](cfg, layout, total_rows, previous)
             result["duration_s"] = round(time.time() - started, 2)
             summary[stage] = result
             if result.get("unfinished"):
@@ -112,7 +113,7 @@ class Progress:
         )  # fmt: skip
 
 
-def _run_crawl(cfg: PipelineConfig, layout: RunLayout, total_rows: int) -> dict:
+def _run_crawl(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous) -> dict:
     """Crawl every input shard not yet done."""
     layout.crawl_dir.mkdir(parents=True, exist_ok=True)
     clear_temporaries(layout.crawl_dir)
@@ -165,9 +166,9 @@ def write_train_shard_list(layout: RunLayout, tars: list[Path]) -> None:
     atomic_write_text(layout.train_shard_list, "".join(f"{line}\n" for line in lines))
 
 
-def _run_dedup(cfg: PipelineConfig, layout: RunLayout, total_rows: int) -> dict:
+def _run_dedup(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous) -> dict:
     input_token = _crawl_token(layout)
-    if plan.is_done(layout, "dedup", input_token):
+    if plan.is_done(previous, input_token) and layout.dedup_parquet.exists():
         log.info("dedup: up to date with the crawl, skipped")
         return {"skipped": True, "input_token": input_token}
     result = run_dedup(layout, cfg.dedup.phash_threshold)
@@ -192,9 +193,13 @@ class EmbedActor:
 
         from pipeline.stages.embed import Embedder
 
+        self.embedder = Embedder(embed)
         if embed.torch_threads:
             torch.set_num_threads(embed.torch_threads)
-        self.embedder = Embedder(embed)
+        elif self.embedder.device.type == "cpu":
+            # Ray pins OMP_NUM_THREADS to an actor's (fractional) CPU share, which would leave a
+            # CPU actor one thread; on a CPU node the actor is the stage's compute: use the node.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, embed.actors or 1)))
 
     def describe(self) -> dict:
         loaded = self.embedder.loaded
@@ -225,7 +230,7 @@ def embed_actors(cfg: PipelineConfig) -> list:
     return [EmbedActor.options(**options).remote(embed) for _ in range(count)]
 
 
-def _run_embed(cfg: PipelineConfig, layout: RunLayout, total_rows: int) -> dict:
+def _run_embed(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous) -> dict:
     """Embed every crawl shard whose done marker is missing or was computed from other inputs."""
     layout.embed_dir.mkdir(parents=True, exist_ok=True)
     clear_temporaries(layout.embed_dir)
@@ -240,7 +245,11 @@ def _run_embed(cfg: PipelineConfig, layout: RunLayout, total_rows: int) -> dict:
             continue
         jobs.append((shard, drops.get(shard.index, set()), part, tok))
     actors = embed_actors(cfg) if jobs else []
-    backbone = ray.get(actors[0].describe.remote()) if actors else _previous_backbone(layout)
+    backbone = (
+        ray.get(actors[0].describe.remote())
+        if actors
+        else ((previous or {}).get("summary") or {}).get("backbone")
+    )
     images, failures, started = 0, 0, time.time()
     for marker in ActorPool(actors).map_unordered(lambda a, j: a.embed_shard.remote(*j), jobs):
         images += marker["count"]
@@ -264,15 +273,10 @@ def _dedup_drops(layout: RunLayout) -> dict[int, set[str]]:
     return drops
 
 
-def _previous_backbone(layout: RunLayout) -> dict | None:
-    state = plan.read_state(layout, "embed") or {}
-    return (state.get("summary") or {}).get("backbone")
-
-
 # -- semantic dedup ---------------------------------------------------------------------------
 
 
-def _run_semdedup(cfg: PipelineConfig, layout: RunLayout, total_rows: int) -> dict:
+def _run_semdedup(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous) -> dict:
     """Copies by embedding and eval-set decontamination over every embedded sample."""
     from pipeline.stages import semdedup
 
@@ -283,7 +287,7 @@ def _run_semdedup(cfg: PipelineConfig, layout: RunLayout, total_rows: int) -> di
         [read_stats(p.done)["token"] for p in parts],
         [read_stats(p.done)["token"] for p in eval_parts],
     )
-    if plan.is_done(layout, "semdedup", input_token) and layout.semantic_parquet.exists():
+    if plan.is_done(previous, input_token) and layout.semantic_parquet.exists():
         log.info("semdedup: up to date with the embeddings, skipped")
         return {"skipped": True, "input_token": input_token}
     pool, keys, areas = _load_pool(layout, parts)
@@ -291,7 +295,8 @@ def _run_semdedup(cfg: PipelineConfig, layout: RunLayout, total_rows: int) -> di
     sem = to_object(cfg.semdedup)
     table, result = semdedup.semantic_dedup(
         pool, keys, areas, sem, eval_parts=evals or None, eval_keys=eval_keys or None,
-        decon_threshold=cfg.decontaminate.threshold, search=_ray_search(sem),
+        decon_threshold=cfg.decontaminate.threshold,
+        search=_ray_search(sem, [p.npy for p in parts]),
     )  # fmt: skip
     from pipeline.shardio import write_parquet_atomic
 
@@ -361,6 +366,37 @@ def _embed_eval_sets(cfg: PipelineConfig, layout: RunLayout) -> list:
     return parts
 
 
-def _ray_search(sem: Any):
-    """A search function for semdedup that spreads query chunks over Ray tasks."""
-    return None
+@ray.remote
+def _search_task(blob, path: str, start: int, stop: int, first_row: int, k: int, thr: float,
+                 use_gpu: bool):  # fmt: skip
+    """kNN edges of one query chunk: rows [start, stop) of one embeddings file."""
+    import numpy as np
+
+    from pipeline.stages import semdedup
+
+    index = semdedup.deserialize_index(blob, use_gpu)
+    queries = np.load(path, mmap_mode="r")[start:stop]
+    return semdedup.search_edges(index, queries, first_row, k, thr)
+
+
+def _ray_search(sem: Any, paths: list[Path]):
+    """Spread the kNN queries over Ray tasks, one per query chunk, once the pool spans more than
+    one chunk; each task reads its rows from the memory-mapped file and gets the index through
+    the object store (put once)."""
+    from pipeline.stages import semdedup
+
+    def search(index, parts, k: int, threshold: float):
+        if sum(p.shape[0] for p in parts) <= sem.query_chunk:
+            return semdedup.search_all(index, parts, k, threshold, sem.query_chunk)
+        blob = ray.put(semdedup.serialize_index(index))
+        refs, first = [], 0
+        for path, part in zip(paths, parts):
+            for start in range(0, part.shape[0], sem.query_chunk):
+                stop = min(start + sem.query_chunk, part.shape[0])
+                refs.append(_search_task.remote(blob, str(path), start, stop, first + start, k,
+                                                threshold, sem.use_gpu))  # fmt: skip
+            first += part.shape[0]
+        log.info("semdedup: %d query chunks over Ray tasks", len(refs))
+        return semdedup.concat_edges(ray.get(refs))
+
+    return search

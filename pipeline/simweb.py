@@ -61,6 +61,9 @@ class SimWeb:
     images: dict[str, bytes]  # path -> JPEG bytes
     exact_duplicates: dict[str, str] = field(default_factory=dict)  # copy path -> original path
     near_duplicates: dict[str, str] = field(default_factory=dict)
+    # copies that pHash need not catch (cropped, colour-shifted, rescaled, re-encoded): the
+    # semantic dedup's planted groups
+    semantic_duplicates: dict[str, str] = field(default_factory=dict)
     broken: list[str] = field(default_factory=list)  # paths that fail (404)
     # path -> name of the photograph it was made from: a label for evaluating a backbone
     sources: dict[str, str] = field(default_factory=dict)
@@ -91,9 +94,12 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
 
 
 def build_web(n_images: int, seed: int = 0, n_exact: int = 0, n_near: int = 0, n_broken: int = 0,
-              crawl: CrawlConfig | None = None, min_distance: int = 12) -> SimWeb:  # fmt: skip
+              crawl: CrawlConfig | None = None, min_distance: int = 12,
+              n_semantic: int = 0) -> SimWeb:  # fmt: skip
     """Distinct images (pHash at least ``min_distance`` bits apart after the crawl's resize),
-    plus planted duplicates and broken URLs."""
+    plus planted duplicates and broken URLs. ``n_semantic`` originals (from the middle of the
+    list) get two semantic copies each: one cropped and colour-shifted, one rescaled and
+    re-encoded at low quality, both mirrored or not alike."""
     crawl = crawl or CrawlConfig()
     rng = random.Random(seed)
     photos = load_named_photos()
@@ -116,7 +122,15 @@ def build_web(n_images: int, seed: int = 0, n_exact: int = 0, n_near: int = 0, n
     for i in range(n_near):
         original = originals[-1 - (i % len(originals))]
         web.near_duplicates[f"img/near-{i:04d}.jpg"] = original
-    for copy, original in {**web.exact_duplicates, **web.near_duplicates}.items():
+    middle = len(originals) // 2
+    for i in range(n_semantic):
+        original = originals[(middle + i) % len(originals)]
+        for variant in range(2):
+            copy = f"img/semantic-{i:04d}-{variant}.jpg"
+            web.semantic_duplicates[copy] = original
+            images[copy] = semantic_copy(images[original], variant, rng)
+    planted = {**web.exact_duplicates, **web.near_duplicates, **web.semantic_duplicates}
+    for copy, original in planted.items():
         sources[copy] = sources[original]
     for copy, original in web.exact_duplicates.items():
         images[copy] = images[original]
@@ -124,6 +138,22 @@ def build_web(n_images: int, seed: int = 0, n_exact: int = 0, n_near: int = 0, n
         images[copy] = _near_copy(images[original], crawl)
     web.broken = [f"missing/{i:04d}.jpg" for i in range(n_broken)]
     return web
+
+
+def semantic_copy(data: bytes, variant: int, rng: random.Random) -> bytes:
+    """The same picture, edited as copies on the web are: variant 0 cropped by up to 8% per
+    side and colour-shifted; variant 1 rescaled to 60% and re-encoded at quality 60."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    if variant == 0:
+        w, h = img.size
+        box = [round(w * rng.uniform(0.02, 0.08)), round(h * rng.uniform(0.02, 0.08))]
+        img = img.crop((box[0], box[1], w - round(w * rng.uniform(0.02, 0.08)),
+                        h - round(h * rng.uniform(0.02, 0.08))))  # fmt: skip
+        img = ImageEnhance.Color(img).enhance(rng.uniform(0.7, 1.3))
+        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.85, 1.15))
+        return _jpeg(img, 90)
+    small = img.resize((round(img.width * 0.6), round(img.height * 0.6)), Image.Resampling.BILINEAR)
+    return _jpeg(small, 60)
 
 
 def _near_copy(data: bytes, crawl: CrawlConfig, threshold: int = 4) -> bytes:

@@ -18,8 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from pretrain.config import TrainConfig
 from pretrain.configtools import load_config
-
-EXPORT_NAME = "teacher_backbone.safetensors"
+from pretrain.models.loading import EXPORT_NAME
 
 
 def backbone_from_config(cfg: TrainConfig) -> nn.Module:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pretrain.configtools import atomic_write_text
-from pretrain.eval.features import extract_features, load_backbone
+from pretrain.eval.features import backbone_for_eval, extract_features
 from pretrain.eval.knn import knn_accuracy
 from pretrain.eval.labelled import load_labelled
 from pretrain.eval.linear import linear_probe
@@ -24,7 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="vit_test", help="architecture for --random-init")
     parser.add_argument("--train", required=True, help="image folder or labelled shards")
     parser.add_argument("--val", required=True, help="image folder or labelled shards")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the model's")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="default: a run's global crop size; 224 for a weights file",
+    )
     parser.add_argument("--ks", default="10,20,100,200")
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--n-last-blocks", type=int, default=1, help="linear: CLS of last n blocks")
@@ -38,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    backbone, size = load_backbone(
+    backbone, size = backbone_for_eval(
         args.checkpoint, random_init=args.random_init, model=args.model, seed=args.seed
     )
     size = args.image_size or size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -10,14 +11,18 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from pretrain.data import IMAGENET_MEAN, IMAGENET_STD
-from pretrain.models import build_backbone
-from pretrain.models.dinov2_checkpoint import dinov2_arch_from_state_dict, read_state_dict
+from pretrain.models import build_backbone, load_backbone
+from pretrain.models.loading import EXPORT_NAME
+
+logger = logging.getLogger(__name__)
 
 
-def load_backbone(
+def backbone_for_eval(
     checkpoint: str | None, *, random_init: bool = False, model: str = "vit_test", seed: int = 0
 ) -> tuple[nn.Module, int]:
-    """(backbone in eval mode, its native image size) from a run dir, a weights file, or random."""
+    """(backbone in eval mode, its native image size) from a run dir or a weights file (through
+    `pretrain.models.load_backbone`), or with random weights: the run's geometry when a run dir
+    is given (the fair baseline), else `model` at 224 px."""
     if random_init:
         torch.manual_seed(seed)
         backbone, size = build_backbone(model), 224
@@ -26,22 +31,30 @@ def load_backbone(
 
             cfg = run_config(checkpoint)
             backbone, size = backbone_from_config(cfg), cfg.crops.global_crops_size
-    elif checkpoint is None:
+        return backbone.eval(), size
+    if checkpoint is None:
         raise ValueError(
             "give --checkpoint (a training output dir or a weights file) or --random-init"
         )
-    elif Path(checkpoint).is_dir():
-        from pretrain.export import load_teacher_backbone, run_config
+    if Path(checkpoint).is_dir() and not (Path(checkpoint) / EXPORT_NAME).is_file():
+        fallback = _unexported_run_backbone(Path(checkpoint))
+        if fallback is not None:
+            return fallback
+    loaded = load_backbone(checkpoint)
+    return loaded.model, loaded.image_size
 
-        backbone = load_teacher_backbone(checkpoint)
-        size = run_config(checkpoint).crops.global_crops_size
-    else:
-        state = read_state_dict(checkpoint)
-        kwargs = dinov2_arch_from_state_dict(state)
-        backbone = build_backbone(kwargs.pop("name"), **kwargs)
-        backbone.load_dinov2_checkpoint(checkpoint)
-        size = kwargs["img_size"]
-    return backbone.eval(), size
+
+def _unexported_run_backbone(run_dir: Path) -> tuple[nn.Module, int] | None:
+    """A run stopped before its export: the teacher of its latest DCP checkpoint, or None."""
+    from pretrain.checkpoint import latest_checkpoint
+
+    if latest_checkpoint(run_dir / "checkpoints") is None:
+        return None  # load_backbone raises, with the hint to export
+    from pretrain.export import load_teacher_backbone, run_config
+
+    logger.info("%s has no %s: reading its latest checkpoint", run_dir, EXPORT_NAME)
+    backbone = load_teacher_backbone(run_dir)
+    return backbone.float().eval(), run_config(run_dir).crops.global_crops_size
 
 
 def eval_transform(size: int) -> v2.Transform:

@@ -27,6 +27,14 @@ logger = logging.getLogger(__name__)
 _WRAPPER_PREFIXES = ("module.", "backbone.")
 
 
+class CheckpointKeyError(KeyError):
+    """Missing, unexpected or absent keys; prints its message as written (a plain KeyError
+    quotes it and escapes the newlines)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def _full(tensor: Tensor) -> Tensor:
     # FSDP2 shards parameters as DTensors; a checkpoint file holds whole tensors.
     if hasattr(tensor, "full_tensor"):
@@ -40,16 +48,25 @@ def dinov2_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Loads a .pth (torch.load with weights_only=True) or .safetensors file of tensors."""
+    """Loads a .pth (torch.load with weights_only=True) or .safetensors file of tensors; errors
+    name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # refused pickle, not a torch file, corrupt safetensors header
+        raise ValueError(
+            f"{path} is not a readable weights file (a .pth state dict of tensors, read with "
+            f"weights_only=True, or a .safetensors file): {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(
             f"{path} does not hold a flat state dict of tensors (a backbone checkpoint)"
@@ -94,7 +111,7 @@ def check_dinov2_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> No
         lines += [f"  missing: {k}" for k in sorted(missing)[:8]]
         lines += [f"  unexpected: {k}" for k in sorted(unexpected)[:8]]
         lines += [f"  hint: {h}" for h in _mismatch_hints(missing, unexpected)]
-        raise KeyError("\n".join(lines))
+        raise CheckpointKeyError("\n".join(lines))
     wrong = [
         f"  {k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}"
         for k, v in expected.items()
@@ -126,7 +143,9 @@ def load_dinov2_state_dict(
             tuple(pos.shape),
             tuple(model.pos_embed.shape),
         )
-        model.pos_embed = nn.Parameter(torch.empty_like(pos, device=model.pos_embed.device))
+        model.pos_embed = nn.Parameter(
+            torch.empty(pos.shape, dtype=model.pos_embed.dtype, device=model.pos_embed.device)
+        )
     result = model.load_state_dict(state, strict=strict)
     if not strict and (result.missing_keys or result.unexpected_keys):
         logger.warning(
@@ -171,8 +190,18 @@ def dinov2_arch_from_state_dict(state: Mapping[str, Tensor]) -> dict:
         patch_size = state["patch_embed.proj.weight"].shape[-1]
         grid = math.isqrt(state["pos_embed"].shape[1] - 1)
     except KeyError as exc:
-        raise KeyError(f"not a DINOv2 backbone state dict: no {exc.args[0]!r}") from exc
-    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+        raise CheckpointKeyError(
+            f"not a DINOv2 ViT backbone state dict: no {exc.args[0]!r} "
+            f"(it holds {len(state)} tensors, e.g. {sorted(state)[:3]})"
+        ) from exc
+    if any(re.match(r"blocks\.\d+\.\d+\.", k) for k in state):
+        raise ValueError(
+            "the state dict stores chunked blocks (blocks.c.i.*): export it with block_chunks=0"
+        )
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not blocks:
+        raise CheckpointKeyError("not a DINOv2 ViT backbone state dict: no blocks.{i}.* keys")
+    depth = 1 + max(blocks)
     names = [n for n, a in ARCHS.items() if a["embed_dim"] == embed_dim and a["depth"] == depth]
     if not names:
         raise ValueError(f"no known ViT size has embed_dim {embed_dim} and depth {depth}")

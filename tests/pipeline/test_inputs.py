@@ -98,7 +98,9 @@ def test_resume_with_other_shard_size_is_refused(tmp_path):
     args = [f"input.urls={path}", f"output_dir={tmp_path / 'run'}"]
     cfg, _ = prepare_run(CONFIG, args)
     plan.mark(RunLayout(cfg.output_dir), cfg, "crawl", "running")  # a killed first run
-    with pytest.raises(ConfigError, match=r"stage 'crawl' ran with crawl.shard_size=10000"):
+    with pytest.raises(
+        ConfigError, match=r"stage 'crawl' ran with crawl.shard_size=10000 \(now 7\)"
+    ):
         prepare_run(CONFIG, [*args, "crawl.shard_size=7"])
     # Settings outside the crawl's output (timeouts, threads) may change on resume.
     prepare_run(CONFIG, [*args, "crawl.threads_per_task=3", "crawl.read_timeout_s=2"])

@@ -31,7 +31,7 @@ def test_recipes_hold_dinov2_values():
     )
     assert (s.optim.weight_decay, s.optim.weight_decay_end, s.optim.clip_grad) == (0.04, 0.4, 3.0)
     assert (l14.model.ffn_layer, l14.model.drop_path_rate, l14.optim.base_lr) == (
-        "swiglu",
+        "mlp",
         0.4,
         2e-4,
     )
@@ -42,6 +42,12 @@ def test_recipes_hold_dinov2_values():
         "sinkhorn_knopp",
     )
     assert cfg_for("vitb14").model.arch == "vit_base"
+    # as released: a plain MLP up to ViT-L/14, fused SwiGLU for ViT-g/14 only
+    assert (l14.model.arch, g14.model.arch, g14.model.ffn_layer) == (
+        "vit_large",
+        "vit_giant2",
+        "swiglu",
+    )
 
 
 def test_misspelt_and_missing_keys_are_clear_errors():

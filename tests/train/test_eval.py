@@ -1,4 +1,5 @@
-"""k-NN and linear probe: golden values on hand-made features, and the CLI on real data."""
+"""k-NN and linear probe: golden values on hand-made features, the CLI on real data, and the
+backbone that eval loads from a run (its export, or its latest checkpoint) or a weights file."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import json
 import pytest
 import torch
 
+from pretrain.arch import build_student_teacher
+from pretrain.checkpoint import save_checkpoint
+from pretrain.config import load_train_config
+from pretrain.configtools import save_config
 from pretrain.data.synthetic import write_shapes_folders, write_shapes_shards
-from pretrain.eval import knn_accuracy, linear_probe, load_labelled
+from pretrain.eval import backbone_for_eval, knn_accuracy, linear_probe, load_labelled
 from pretrain.eval.__main__ import main as eval_main
 
 
@@ -65,3 +70,54 @@ def test_cli_knn_and_linear_write_json(tmp_path, capsys):
     assert "knn_top1_k20" in capsys.readouterr().out
     lin = eval_main(["linear", *args, "--epochs", "2", "--output", str(tmp_path / "lin.json")])
     assert 0.0 <= lin["accuracy"] <= 1.0 and (tmp_path / "lin.json").is_file()
+
+
+def _run_dir(tmp_path, *overrides: str):
+    """A training output dir as the job leaves it: its resolved config.yaml (56 px crops)."""
+    run = tmp_path / "run"
+    cfg = load_train_config(
+        "configs/pretrain/vit_test_cpu.yaml", ["data.shards=x", f"output_dir={run}", *overrides]
+    )
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    return run, cfg
+
+
+def test_eval_loads_a_run_through_load_backbone(tmp_path):
+    run, cfg = _run_dir(tmp_path, "model.num_register_tokens=4")
+    torch.manual_seed(0)
+    _, teacher = build_student_teacher(cfg)
+    with pytest.raises(FileNotFoundError, match="python -m pretrain.export --checkpoint"):
+        backbone_for_eval(str(run))  # neither an export nor a checkpoint
+    teacher.backbone.save_dinov2_checkpoint(run / "teacher_backbone.safetensors")
+    backbone, size = backbone_for_eval(str(run))
+    assert size == 56 and not backbone.training and backbone.num_register_tokens == 4
+    images = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(images), teacher.backbone.eval()(images))
+    # a weights file: DINOv2's evaluation size, 224 px, whatever grid it was trained on
+    file_backbone, file_size = backbone_for_eval(str(run / "teacher_backbone.safetensors"))
+    assert file_size == 224 and file_backbone.pos_embed.shape == backbone.pos_embed.shape
+    # the baseline: the run's geometry, random weights
+    random, random_size = backbone_for_eval(str(run), random_init=True)
+    assert random_size == 56 and random.num_register_tokens == 4
+    assert random.pos_embed.shape == backbone.pos_embed.shape
+    assert not torch.equal(random.cls_token, backbone.cls_token)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_eval_falls_back_to_the_latest_checkpoint_of_an_unexported_run(tmp_path):
+    run, cfg = _run_dir(tmp_path)
+    torch.manual_seed(0)
+    student, teacher = build_student_teacher(cfg)
+    with torch.no_grad():
+        teacher.backbone.cls_token.fill_(0.5)  # a teacher that is not the initial one
+    save_checkpoint(
+        run / "checkpoints", 3, student=student, teacher=teacher,
+        optimizer=torch.optim.SGD(student.parameters(), lr=0.1), losses=torch.nn.Module(),
+        meta={}, keep_last=1,
+    )  # fmt: skip
+    backbone, size = backbone_for_eval(str(run))
+    assert size == 56 and not backbone.training
+    for key, value in teacher.backbone.state_dict().items():
+        torch.testing.assert_close(backbone.state_dict()[key], value, rtol=0, atol=0)

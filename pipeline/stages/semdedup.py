@@ -1,0 +1,434 @@
+"""Semantic dedup and eval-set decontamination over stored embeddings, as DINOv2 does it.
+
+Plain functions, no Ray: the runner may spread query chunks over Ray tasks (``search_edges``
+per chunk, the index shipped with ``serialize_index``), or call ``semantic_dedup`` in-process.
+
+1. An inner-product FAISS index over the L2-normalised embeddings: exact (flat) below
+   ``ivf_min_size``, an inverted file (IVF, IVF-PQ with ``pq_m``) from there on; built on the
+   GPU(s) when ``use_gpu`` and FAISS sees one.
+2. The ``k`` nearest neighbours of every embedding (itself among them), queried in chunks; an
+   edge for every neighbour other than itself with cosine similarity above ``threshold``.
+3. Connected components of that undirected graph (scipy); one survivor per component: the
+   largest original area, then the smallest key, whatever the input order.
+4. Decontamination: every pool image with cosine above the decontamination threshold to any
+   eval image marks its component, and marked components are dropped whole. Exact
+   ``range_search`` on CPU indexes (a kNN search would miss pool images beyond its k for a
+   common eval image); GPU indexes have no range search, there a kNN search doubles k while a
+   query's last neighbour is still above the threshold (up to FAISS's GPU limit, 2048).
+
+Verdicts, one row per pool embedding (``reason`` null = kept):
+
+- ``semantic``: ``duplicate_of`` = the survivor's key, ``similarity`` = cosine to the survivor
+  (recomputed from the embeddings; in a chain it can be below the threshold);
+- ``eval`` (overrides ``semantic``; the survivor goes too): ``duplicate_of`` = the key of the
+  eval image in the component's strongest pool-eval match (null without eval keys),
+  ``similarity`` = that match's cosine: the same for every member of the component.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.layout import SEMANTIC_SCHEMA
+
+log = logging.getLogger(__name__)
+
+INDEX_KINDS = ("auto", "flat", "ivf")
+GPU_MAX_K = 2048  # FAISS GPU indexes: k (and nprobe) at most this
+TRAIN_MAX_ROWS = 4_000_000  # IVF training sample cap (never below 39 per list)
+NORM_TOLERANCE = 0.02
+Edges = tuple[np.ndarray, np.ndarray, np.ndarray]  # rows, cols (global ids), float32 similarity
+Search = Callable[[object, Sequence[np.ndarray], int, float], Edges]
+
+
+def _check_threshold(value, name: str) -> None:
+    if not 0 < value <= 1:  # NaN fails too
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+
+
+def check_semdedup_config(cfg) -> None:
+    """Raise ValueError naming the first semdedup setting outside its range."""
+    _check_threshold(cfg.threshold, "semdedup.threshold")
+    if cfg.index not in INDEX_KINDS:
+        raise ValueError(f"semdedup.index must be one of {INDEX_KINDS}, got {cfg.index!r}")
+    for name in ("k", "ivf_nprobe", "query_chunk", "ivf_min_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"semdedup.{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("ivf_nlist", "pq_m"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"semdedup.{name} must be >= 0, got {getattr(cfg, name)}")
+
+
+def check_decontaminate_config(cfg) -> None:
+    _check_threshold(cfg.threshold, "decontaminate.threshold")
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+
+def embedding_dim(parts: Sequence[np.ndarray], what: str) -> int:
+    """The common dimension of 2-D ``parts``; ValueError naming both if they differ."""
+    dims = {p.shape[1] for p in parts if p.ndim == 2}
+    if any(p.ndim != 2 for p in parts) or len(dims) != 1:
+        shapes = sorted({tuple(p.shape) for p in parts})
+        raise ValueError(f"{what} embeddings must be 2-D with one dimension, got shapes {shapes}")
+    return dims.pop()
+
+
+def check_normalised(parts: Sequence[np.ndarray], what: str, sample: int = 1024) -> None:
+    """Cosine similarity is an inner product only for unit rows: check the first rows."""
+    for part in parts:
+        if part.shape[0]:
+            norms = np.linalg.norm(np.asarray(part[:sample], np.float32), axis=1)
+            worst = float(np.abs(norms - 1).max())
+            if worst > NORM_TOLERANCE:
+                raise ValueError(
+                    f"{what} embeddings must be L2-normalised (|norm - 1| = {worst:.3g})"
+                )
+            return
+
+
+def chunks(parts: Sequence[np.ndarray], size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first global row, float32 chunk) over the parts: one chunk in memory at a time."""
+    row = 0
+    for part in parts:
+        for start in range(0, part.shape[0], size):
+            yield row + start, np.ascontiguousarray(part[start : start + size], dtype=np.float32)
+        row += part.shape[0]
+
+
+def rows_of(parts: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """float32 [len(rows), dim]: the given global rows gathered from the parts."""
+    offsets = np.cumsum([0] + [p.shape[0] for p in parts])
+    out = np.empty((len(rows), parts[0].shape[1]), np.float32)
+    which = np.searchsorted(offsets, rows, side="right") - 1
+    for p in np.unique(which):
+        mask = which == p
+        out[mask] = parts[p][rows[mask] - offsets[p]]
+    return out
+
+
+def cosine_between(parts, a: np.ndarray, b: np.ndarray, chunk: int) -> np.ndarray:
+    """float32 cosine of rows ``a[i]`` and ``b[i]``, gathered chunk by chunk."""
+    out = np.empty(len(a), np.float32)
+    for s in range(0, len(a), chunk):
+        x, y = rows_of(parts, a[s : s + chunk]), rows_of(parts, b[s : s + chunk])
+        out[s : s + chunk] = np.einsum("ij,ij->i", x, y)
+    return out
+
+
+# -- index ------------------------------------------------------------------------------------
+
+
+def gpu_available(use_gpu: bool) -> bool:
+    import faiss
+
+    return bool(use_gpu and faiss.get_num_gpus() > 0)
+
+
+def index_kind(cfg, n: int) -> str:
+    """flat | ivf | ivfpq for a pool of ``n`` embeddings."""
+    kind = cfg.index if cfg.index != "auto" else ("ivf" if n >= cfg.ivf_min_size else "flat")
+    if kind == "ivf" and cfg.pq_m:
+        if n >= 256 * 39:  # 8-bit PQ codebooks: 256 centroids per sub-quantizer to train
+            return "ivfpq"
+        log.warning("semdedup: %d embeddings are too few to train PQ codes: IVF-Flat", n)
+    return kind
+
+
+def ivf_nlist(cfg, n: int) -> int:
+    """cfg.ivf_nlist, else about 4 sqrt(n) lists, at least 39 training points each."""
+    return cfg.ivf_nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
+
+
+def build_index(parts: Sequence[np.ndarray], cfg, n_total: int, seed: int = 0):
+    """An inner-product index holding every row of ``parts`` in order (ids = global rows).
+
+    Flat, IVF-Flat or IVF-PQ (``index_kind``); trained on a uniform sample of
+    min(n, 256 * nlist) rows (FAISS's points-per-centroid cap; TRAIN_MAX_ROWS at most), then
+    filled chunk by chunk in float32. On every GPU when ``gpu_available(cfg.use_gpu)``."""
+    import faiss
+
+    dim = embedding_dim(parts, "pool")
+    kind = index_kind(cfg, n_total)
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        nlist = ivf_nlist(cfg, n_total)
+        quantizer = faiss.IndexFlatIP(dim)
+        if kind == "ivfpq":
+            if dim % cfg.pq_m:
+                raise ValueError(f"semdedup.pq_m={cfg.pq_m} must divide the dimension {dim}")
+            ip = faiss.METRIC_INNER_PRODUCT
+            index = faiss.IndexIVFPQ(quantizer, dim, nlist, cfg.pq_m, 8, ip)
+        else:
+            index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = min(cfg.ivf_nprobe, nlist)
+    if gpu_available(cfg.use_gpu):
+        index = faiss.index_cpu_to_all_gpus(index)  # untrained: trained and filled on the GPU
+    if kind != "flat":
+        size = max(39 * nlist, min(256 * nlist, TRAIN_MAX_ROWS))
+        if kind == "ivfpq":
+            size = max(size, 256 * 256)
+        index.train(_training_sample(parts, n_total, min(n_total, size), seed))
+    for _, block in chunks(parts, cfg.query_chunk):
+        index.add(block)
+    return index
+
+
+def _training_sample(parts: Sequence[np.ndarray], n: int, size: int, seed: int) -> np.ndarray:
+    picks = np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+    return np.ascontiguousarray(rows_of(parts, picks))
+
+
+def on_gpu(index) -> bool:
+    """Whether ``index`` lives on GPUs (what ``index_cpu_to_all_gpus`` returns)."""
+    name = type(index).__name__
+    return name.startswith("Gpu") or name == "IndexReplicas"
+
+
+def serialize_index(index) -> np.ndarray:
+    """uint8 bytes of the index (a CPU copy of a GPU index), for Ray's object store."""
+    import faiss
+
+    if faiss.get_num_gpus() > 0 and on_gpu(index):
+        index = faiss.index_gpu_to_cpu(index)
+    return faiss.serialize_index(index)
+
+
+def deserialize_index(blob: np.ndarray, use_gpu: bool = False):
+    """The index back from ``serialize_index``; on every GPU when asked and present."""
+    import faiss
+
+    index = faiss.deserialize_index(np.asarray(blob, np.uint8))
+    return faiss.index_cpu_to_all_gpus(index) if gpu_available(use_gpu) else index
+
+
+# -- kNN graph --------------------------------------------------------------------------------
+
+
+def search_edges(index, queries: np.ndarray, first_row: int, k: int, threshold: float) -> Edges:
+    """One query chunk (global rows first_row...) -> its edges: neighbour above ``threshold``,
+    self-matches removed. k counts the query itself and is capped by the index size."""
+    k = min(k, index.ntotal)
+    sims, cols = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    rows = np.repeat(np.arange(first_row, first_row + len(queries), dtype=np.int64), k)
+    sims, cols = sims.reshape(-1), cols.reshape(-1).astype(np.int64)
+    keep = (cols >= 0) & (cols != rows) & (sims > threshold)
+    return rows[keep], cols[keep], sims[keep].astype(np.float32)
+
+
+def search_all(index, parts: Sequence[np.ndarray], k: int, threshold: float, chunk: int) -> Edges:
+    """Every chunk of ``parts`` through ``search_edges``, in this process."""
+    return concat_edges([search_edges(index, q, r, k, threshold) for r, q in chunks(parts, chunk)])
+
+
+def concat_edges(found: Sequence[Edges]) -> Edges:
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return tuple(np.concatenate(column) for column in zip(*found))  # type: ignore[return-value]
+
+
+def components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """int64 component label per row of the undirected graph given by the edges."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(rows), np.bool_), (rows, cols)), shape=(n, n)).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    return labels.astype(np.int64)
+
+
+def pick_survivors(labels: np.ndarray, keys: Sequence[str], areas: np.ndarray) -> np.ndarray:
+    """Row of each row's survivor: in its component the largest area, then the smallest key."""
+    labels = np.asarray(labels, np.int64)
+    survivors = np.arange(len(labels), dtype=np.int64)
+    shared = np.nonzero(np.bincount(labels)[labels] > 1)[0]  # rows of non-singleton components
+    if not len(shared):
+        return survivors
+    key_rank = np.unique(np.asarray([str(keys[i]) for i in shared]), return_inverse=True)[1]
+    lab = labels[shared]
+    order = np.lexsort((key_rank.reshape(-1), -np.asarray(areas, np.int64)[shared], lab))
+    first = np.ones(len(order), np.bool_)
+    first[1:] = lab[order][1:] != lab[order][:-1]
+    best = np.zeros(labels.max() + 1, np.int64)
+    best[lab[order][first]] = shared[order][first]
+    survivors[shared] = best[lab]
+    return survivors
+
+
+# -- decontamination --------------------------------------------------------------------------
+
+
+def eval_matches(
+    index, queries: np.ndarray, first_row: int, threshold: float, method: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(pool rows, eval rows, similarities, saturated queries): every pool-eval pair above
+    ``threshold`` for one chunk of eval queries (global eval rows first_row...).
+
+    ``range``: FAISS range search, exact on a flat index. ``knn``: k doubles while a query's
+    last neighbour is above the threshold, up to the pool (GPU_MAX_K on a GPU); queries still
+    saturated there may miss matches and are counted. ``auto``: range, knn on a GPU index."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if method == "range" or (method == "auto" and not on_gpu(index)):
+        lims, sims, pool = index.range_search(queries, threshold)
+        counts = np.diff(lims).astype(np.int64)
+        evals = np.repeat(np.arange(first_row, first_row + len(queries), dtype=np.int64), counts)
+        return pool.astype(np.int64), evals, sims.astype(np.float32), 0
+    cap = min(index.ntotal, GPU_MAX_K if on_gpu(index) else index.ntotal)
+    todo, k, found, saturated = np.arange(len(queries)), min(64, cap), [], 0
+    while len(todo):
+        sims, pool = index.search(queries[todo], k)
+        full = sims[:, -1] > threshold  # the last neighbour matches: there may be more
+        done = ~full if k < cap else np.ones(len(todo), np.bool_)
+        if k == cap and cap < index.ntotal:
+            saturated += int(full.sum())
+        hit = (sims > threshold) & (pool >= 0) & done[:, None]
+        found.append((pool[hit], np.repeat(todo + first_row, hit.sum(1)), sims[hit]))
+        todo, k = todo[~done], min(2 * k, cap)
+    pool, evals, sims = concat_edges(found)
+    return pool.astype(np.int64), evals.astype(np.int64), sims.astype(np.float32), saturated
+
+
+def best_per_group(groups: np.ndarray, others: np.ndarray, sims: np.ndarray) -> Edges:
+    """(group, other, similarity) of each group's highest similarity (ties: smallest other)."""
+    order = np.lexsort((others, -sims, groups))
+    first = np.ones(len(order), np.bool_)
+    first[1:] = groups[order][1:] != groups[order][:-1]
+    pick = order[first]
+    return groups[pick], others[pick], sims[pick]
+
+
+def contaminated_components(
+    index, eval_parts: Sequence[np.ndarray], labels: np.ndarray, threshold: float, chunk: int,
+    method: str = "auto",
+) -> tuple[Edges, dict]:  # fmt: skip
+    """((component ids, best eval row, its similarity), counts) of every pool component with
+    an image above ``threshold`` to some eval image; reduced per eval chunk (bounded memory)."""
+    best, counts = concat_edges([]), {"eval_pairs": 0, "eval_saturated_queries": 0}
+    for first, queries in chunks(eval_parts, chunk):
+        pool, evals, sims, saturated = eval_matches(index, queries, first, threshold, method)
+        counts["eval_pairs"] += len(pool)
+        counts["eval_saturated_queries"] += saturated
+        merged = concat_edges([best, (labels[pool], evals, sims)])
+        best = best_per_group(*merged)
+    if counts["eval_saturated_queries"]:
+        log.warning("decontaminate: %d eval images match more than %d pool images; some matches "
+                    "may be missed", counts["eval_saturated_queries"], GPU_MAX_K)  # fmt: skip
+    return best, counts
+
+
+# -- verdicts ---------------------------------------------------------------------------------
+
+
+def semantic_table(
+    keys: Sequence[str], labels: np.ndarray, survivors: np.ndarray, survivor_sim: np.ndarray,
+    eval_hits: Edges | None = None, eval_keys: Sequence[str] | None = None,
+) -> pa.Table:  # fmt: skip
+    """One verdict row per pool row (module docstring). ``survivor_sim``: float32 [n], cosine to
+    the survivor (read where the row is not its own survivor); ``eval_hits``: from
+    ``contaminated_components``."""
+    n = len(keys)
+    key_arr = np.asarray(keys, dtype=object)
+    dropped = survivors != np.arange(n)
+    reason = np.full(n, None, dtype=object)
+    duplicate_of = np.full(n, None, dtype=object)
+    similarity = np.full(n, np.nan, np.float32)
+    reason[dropped] = "semantic"
+    duplicate_of[dropped] = key_arr[survivors[dropped]]
+    similarity[dropped] = np.asarray(survivor_sim, np.float32)[dropped]
+    if eval_hits is not None and len(eval_hits[0]):
+        comps, evals, sims = eval_hits  # comps sorted (best_per_group)
+        hit = np.isin(labels, comps)
+        which = np.searchsorted(comps, labels[hit])
+        reason[hit] = "eval"
+        duplicate_of[hit] = (
+            None if eval_keys is None else np.asarray(eval_keys, object)[evals[which]]
+        )
+        similarity[hit] = sims[which]
+    columns = {
+        "key": pa.array(key_arr, pa.string()),
+        "duplicate_of": pa.array(duplicate_of, pa.string()),
+        "reason": pa.array(reason, pa.string()),
+        "similarity": pa.array(similarity, pa.float32(), mask=np.isnan(similarity)),
+        "component": pa.array(np.asarray(labels, np.int64), pa.int64()),
+    }
+    return pa.table(columns, schema=SEMANTIC_SCHEMA)
+
+
+def semantic_dedup(
+    parts: Sequence[np.ndarray], keys: Sequence[str], areas: np.ndarray, cfg,
+    eval_parts: Sequence[np.ndarray] | None = None, eval_keys: Sequence[str] | None = None,
+    decon_threshold: float = 0.45, search: Search | None = None, eval_method: str = "auto",
+) -> tuple[pa.Table, dict]:  # fmt: skip
+    """Verdicts for every row of ``parts`` (module docstring) and a summary of counts.
+
+    ``search(index, parts, k, threshold) -> edges`` may run the kNN queries elsewhere (Ray
+    tasks running ``search_edges`` per chunk); by default ``search_all`` here."""
+    check_semdedup_config(cfg)
+    _check_threshold(decon_threshold, "decontaminate.threshold")
+    n = sum(p.shape[0] for p in parts)
+    if n == 0:
+        raise ValueError("semantic dedup: the pool is empty after dedup (no embedded sample)")
+    if len(keys) != n or len(areas) != n:
+        raise ValueError(f"semantic dedup: {n} embeddings but {len(keys)} keys, {len(areas)} areas")
+    dim = embedding_dim(parts, "pool")
+    check_normalised(parts, "pool")
+    eval_parts = [p for p in (eval_parts or []) if p.shape[0]]
+    if eval_parts and (eval_dim := embedding_dim(eval_parts, "eval")) != dim:
+        raise ValueError(f"decontaminate: eval embeddings have dimension {eval_dim}, the pool "
+                         f"{dim}: embed both with the same model")  # fmt: skip
+    check_normalised(eval_parts, "eval")
+    if eval_keys is not None and len(eval_keys) != sum(p.shape[0] for p in eval_parts):
+        raise ValueError(f"decontaminate: {len(eval_keys)} eval keys for the eval embeddings")
+    seconds, t = {}, time.perf_counter()
+    index = build_index(parts, cfg, n)
+    seconds["index"], t = time.perf_counter() - t, time.perf_counter()
+    if search is None:
+        rows, cols, _ = search_all(index, parts, cfg.k, cfg.threshold, cfg.query_chunk)
+    else:
+        rows, cols, _ = search(index, parts, cfg.k, cfg.threshold)
+    seconds["search"], t = time.perf_counter() - t, time.perf_counter()
+    labels = components(n, rows, cols)
+    survivors = pick_survivors(labels, keys, areas)
+    dropped = np.nonzero(survivors != np.arange(n))[0]
+    survivor_sim = np.full(n, np.nan, np.float32)
+    survivor_sim[dropped] = cosine_between(parts, dropped, survivors[dropped], cfg.query_chunk)
+    seconds["components"], t = time.perf_counter() - t, time.perf_counter()
+    hits, eval_counts = None, {"eval_pairs": 0, "eval_saturated_queries": 0}
+    if eval_parts:
+        hits, eval_counts = contaminated_components(
+            index, eval_parts, labels, decon_threshold, cfg.query_chunk, eval_method
+        )
+    seconds["decontaminate"], t = time.perf_counter() - t, time.perf_counter()
+    table = semantic_table(keys, labels, survivors, survivor_sim, hits, eval_keys)
+    seconds["table"] = time.perf_counter() - t
+    return table, _summary(table, labels, rows, cfg, n, index, eval_parts, eval_counts, seconds)
+
+
+def _summary(table, labels, rows, cfg, n, index, eval_parts, eval_counts, seconds) -> dict:
+    reasons = table.column("reason").to_numpy(zero_copy_only=False)
+    sizes = np.bincount(labels)
+    return {
+        "samples": n,
+        "kept": int((reasons == None).sum()),  # noqa: E711  (element-wise)
+        "semantic_duplicates": int((reasons == "semantic").sum()),
+        "eval_contaminated": int((reasons == "eval").sum()),
+        "components_with_duplicates": int((sizes > 1).sum()),
+        "largest_component": int(sizes.max()),
+        "edges": int(len(rows)),  # kNN hits above the threshold; a pair seen from both sides: 2
+        "index": index_kind(cfg, n),
+        "gpu": on_gpu(index),
+        "nlist": 0 if index_kind(cfg, n) == "flat" else ivf_nlist(cfg, n),
+        "k": int(min(cfg.k, n)),
+        "threshold": cfg.threshold,
+        "eval_images": int(sum(p.shape[0] for p in eval_parts)),
+        **eval_counts,
+        "seconds": {name: round(s, 3) for name, s in seconds.items()},
+    }

@@ -1,0 +1,206 @@
+"""configs/pipeline/curate.yaml end to end through the CLI on the shared Ray cluster: crawl,
+exact/pHash dedup, embed (Ray actors, the fixture ViT), semantic dedup and decontamination;
+verdicts checked against a brute-force reference on the stored embeddings; resume, settings
+changes and SIGKILL during the embed stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.layout import RunLayout
+from pipeline.simweb import ImageServer, build_web, semantic_copy
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = str(REPO / "configs/pipeline/curate.yaml")
+FIXTURE = REPO / "tests/fixtures/vit_test_embedder.safetensors"
+THRESHOLD = 0.95
+
+
+@pytest.fixture(scope="module")
+def curation_web():
+    """48 distinct images, 2 exact, 2 near and 3 x 2 semantic copies, 2 broken URLs."""
+    return build_web(48, seed=5, n_exact=2, n_near=2, n_semantic=3, n_broken=2)
+
+
+@pytest.fixture(scope="module")
+def curation_server(curation_web):
+    with ImageServer(curation_web) as server:
+        yield server
+
+
+def _cli(*args: str, address: str | None = None, **popen) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS=address or "")
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=280, **popen)  # fmt: skip
+
+
+def _args(urls: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", CONFIG, f"input.urls={urls}", f"output_dir={out}", "crawl.shard_size=16",
+            "crawl.allow_private_networks=true", "crawl.threads_per_task=8",
+            f"embed.checkpoint={FIXTURE}", "embed.image_size=56", "embed.batch_size=8",
+            f"semdedup.threshold={THRESHOLD}", "semdedup.query_chunk=16", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def eval_dir(curation_web, tmp_path_factory):
+    """Two evaluation images: edited copies of two pool originals that no planted group uses."""
+    import random
+
+    out = tmp_path_factory.mktemp("evalset")
+    originals = sorted(p for p in curation_web.images if "-" not in Path(p).name)
+    rng = random.Random(3)
+    for i, path in enumerate((originals[1], originals[7])):
+        (out / f"eval{i}.jpg").write_bytes(semantic_copy(curation_web.images[path], 1, rng))
+    return out
+
+
+@pytest.fixture(scope="module")
+def curated_run(curation_web, curation_server, eval_dir, ray_address, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("curate")
+    from pipeline.simweb import SimWeb  # noqa: F401  (the web's paths name the URLs)
+
+    paths = curation_web.paths()
+    urls = tmp / "urls.parquet"
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"url": [curation_server.url(p) for p in paths], "path": paths}), urls)
+    out = tmp / "run"
+    result = _cli(*_args(urls, out, f"decontaminate.sets=[{eval_dir}]"), address=ray_address)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return urls, out, json.loads(result.stdout)
+
+
+def _embeddings(layout: RunLayout) -> tuple[np.ndarray, list[str]]:
+    feats, keys = [], []
+    for part in layout.embed_done():
+        feats.append(np.load(part.npy).astype(np.float32))
+        keys += pq.read_table(part.keys)["key"].to_pylist()
+    return np.concatenate(feats), keys
+
+
+def _reference_verdicts(feats, keys, areas, threshold, eval_feats, eval_threshold) -> dict:
+    """Brute force: all pairs above the threshold, union-find, survivor = largest area then
+    smallest key; components touching an eval image dropped whole."""
+    n = len(keys)
+    parent = list(range(n))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    sims = feats @ feats.T
+    for i, j in zip(*np.nonzero(np.triu(sims > threshold, 1))):
+        parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(root(i), []).append(i)
+    touched = set(np.nonzero((feats @ eval_feats.T > eval_threshold).any(axis=1))[0])
+    verdict = {}
+    for members in groups.values():
+        survivor = min(members, key=lambda i: (-areas[keys[i]], keys[i]))
+        for i in members:
+            if any(m in touched for m in members):
+                verdict[keys[i]] = "eval"
+            else:
+                verdict[keys[i]] = None if i == survivor else "semantic"
+    return verdict
+
+
+def test_curate_end_to_end(curated_run, curation_web, eval_dir):
+    urls, out, summary = curated_run
+    layout = RunLayout(out)
+    assert summary["stages"] == ["crawl", "dedup", "embed", "semdedup"] and summary["ok"]
+    for stage in summary["stages"]:
+        assert json.loads(layout.stage_file(stage).read_text())["state"] == "done"
+    crawl = pq.read_table([s.parquet for s in layout.crawl_done()]).to_pylist()
+    successes = {r["key"]: r for r in crawl if r["status"] == "success"}
+    assert len(successes) == len(curation_web.images)
+    dedup = {r["key"]: r for r in pq.read_table(layout.dedup_parquet).to_pylist()}
+    survivors = {k for k, r in dedup.items() if r["duplicate_of"] is None}
+    path_of = {k: r["url"].split("/", 3)[3] for k, r in successes.items()}
+    planted = {**curation_web.exact_duplicates, **curation_web.near_duplicates}
+    pixel_dropped = {path_of[k] for k in set(successes) - survivors}
+    # pHash drops every exact and near copy, and nothing but planted copies (it may catch some
+    # of the semantic copies too: the rescaled ones)
+    assert set(planted) <= pixel_dropped <= set(planted) | set(curation_web.semantic_duplicates)
+
+    feats, keys = _embeddings(layout)
+    assert sorted(keys) == sorted(survivors)  # duplicates are not embedded twice
+    semantic = pq.read_table(layout.semantic_parquet).to_pylist()
+    assert sorted(r["key"] for r in semantic) == sorted(survivors)  # one verdict per sample
+    eval_feats = np.load(layout.embed_done(eval_set=True)[0].npy).astype(np.float32)
+    areas = {k: r["original_width"] * r["original_height"] for k, r in successes.items()}
+    expected = _reference_verdicts(feats, keys, areas, THRESHOLD, eval_feats, 0.45)
+    assert {r["key"]: r["reason"] for r in semantic} == expected
+
+    report = json.loads(_cli("manifest", "summary", str(out), "--json").stdout)
+    assert report["stages"] == dict.fromkeys(summary["stages"], "done")
+    assert report["embed"]["images"] == len(survivors) and report["embed"]["dim"] == 64
+    import hashlib
+
+    assert report["embed"]["backbone"]["sha256"] == hashlib.sha256(FIXTURE.read_bytes()).hexdigest()
+    reasons = [r["reason"] for r in semantic]
+    assert report["semdedup"]["semantic_duplicates"] == reasons.count("semantic")
+    assert report["semdedup"]["eval_contaminated"] == reasons.count("eval")
+
+
+def test_rerun_skips_and_changed_settings_are_refused(curated_run, eval_dir, ray_address):
+    urls, out, _ = curated_run
+    layout = RunLayout(out)
+    before = {p.name: p.read_bytes() for p in sorted(layout.embed_dir.glob("*.npy"))}
+    again = _cli(*_args(urls, out, f"decontaminate.sets=[{eval_dir}]"), address=ray_address)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout)
+    assert summary["crawl"]["crawled_shards"] == 0 and summary["dedup"]["skipped"]
+    assert summary["embed"]["embedded_shards"] == 0 and summary["semdedup"]["skipped"]
+    assert {p.name: p.read_bytes() for p in sorted(layout.embed_dir.glob("*.npy"))} == before
+
+    changed = _cli(*_args(urls, out, "semdedup.threshold=0.5"), address=ray_address)
+    assert changed.returncode == 2
+    assert "semdedup.threshold=0.95" in changed.stderr and "redo=[semdedup]" in changed.stderr
+    sub = _cli(*_args(urls, out, "semdedup.threshold=0.5", "redo=[semdedup]",
+                      "stages=[semdedup]"), address=ray_address)  # fmt: skip
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    assert json.loads(sub.stdout)["stages"] == ["semdedup"]
+    verdicts = pq.read_table(layout.semantic_parquet)["reason"].to_pylist()
+    assert verdicts.count("semantic") > 0 and "eval" not in verdicts  # no eval sets this time
+
+
+def test_sigkill_during_embed_then_rerun(curated_run, ray_address, tmp_path, wait):
+    """A driver killed mid-stage leaves finished shards only; the rerun gives the very files of
+    an uninterrupted run, no row twice."""
+    urls, reference, _ = curated_run
+    out = tmp_path / "killed"
+    first = _cli(*_args(urls, out, "stages=[crawl,dedup]"), address=ray_address)
+    assert first.returncode == 0, first.stderr[-3000:]
+    layout = RunLayout(out)
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS=ray_address)
+    # batch 1 and one decode thread: the shards take long enough to kill between them
+    cmd = [sys.executable, "-m", "pipeline", *_args(urls, out, "stages=[embed]",
+           "embed.batch_size=1", "embed.decode_threads=1")]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    assert wait(lambda: len(layout.embed_done()) >= 1, timeout_s=120, every_s=0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(layout.embed_done())
+    assert done_before < 4, "the kill came too late to test anything"
+    rerun = _cli(*_args(urls, out, "stages=[embed]"), address=ray_address)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout)["embed"]["skipped_shards"] >= done_before
+    ref = RunLayout(reference)
+    assert [p.name for p in layout.embed_done()] == [p.name for p in ref.embed_done()]
+    for mine, theirs in zip(layout.embed_done(), ref.embed_done()):
+        np.testing.assert_array_equal(np.load(mine.npy), np.load(theirs.npy))
+        assert pq.read_table(mine.keys).equals(pq.read_table(theirs.keys))
+    assert not list(layout.embed_dir.glob(".*.tmp"))

@@ -1,0 +1,145 @@
+"""The embed stage's functions without Ray: preprocessing as DINOv2's evaluation transform,
+stored features equal to the model's own forward, row alignment, counted bad samples."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import v2
+
+from pipeline.config import CrawlConfig, EmbedConfig
+from pipeline.layout import RunLayout
+from pipeline.shardio import TarSink, iter_tar_samples
+from pipeline.stages.crawl import crawl_shard
+from pipeline.stages.embed import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Embedder,
+    EmbedInputError,
+    embed_crawl_shard,
+    embed_eval_set,
+    embed_samples,
+    preprocess,
+    read_part,
+)
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "vit_test_embedder.safetensors"
+
+
+def _png(size, seed) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder(EmbedConfig(checkpoint=str(FIXTURE), image_size=56, batch_size=8))
+
+
+def test_preprocess_is_dinov2_eval_transform():
+    """Short side to size / 0.875 (bicubic), centre crop: as torchvision's Resize + CenterCrop."""
+    data = _png((120, 90), seed=0)
+    ours = preprocess(data, 56)
+    reference = v2.Compose(
+        [v2.Resize(64, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(56)]
+    )(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert ours.shape == (56, 56, 3) and ours.dtype == np.uint8
+    assert np.abs(ours.astype(int) - np.asarray(reference).astype(int)).max() <= 1
+
+
+def test_shard_embeddings_equal_the_models_forward(embedder, small_web, tmp_path):
+    """Rows aligned with keys, duplicates not embedded, float16 within storage tolerance."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted(small_web.images)[:20]:
+        (folder / Path(path).name).write_bytes(small_web.images[path])
+    import pyarrow as pa
+
+    files = sorted(str(p) for p in folder.iterdir())
+    layout = RunLayout(tmp_path / "run")
+    crawl_shard(pa.table({"url": files}), 0, layout.crawl_dir, CrawlConfig(shard_size=32), "folder")
+    shard = layout.crawl_shard(0)
+    samples = dict(iter_tar_samples(shard.tar))
+    drop = set(sorted(samples)[:3])
+    part = layout.embed_part("00000")
+    marker = embed_crawl_shard(embedder, shard, drop, part, token="t0")
+    feats, keys = read_part(part)
+    assert keys == [k for k in sorted(samples) if k not in drop]  # tar order is key order
+    assert feats.dtype == np.float16 and feats.shape == (17, 64)
+    assert marker["count"] == 17 and marker["failures"] == 0 and marker["token"] == "t0"
+    images = torch.stack([torch.from_numpy(preprocess(samples[k]["jpg"], 56)) for k in keys])
+    x = (
+        images.permute(0, 3, 1, 2).float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    ) / (torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+    with torch.no_grad():
+        expected = F.normalize(embedder.model(x), dim=-1).numpy()
+    np.testing.assert_allclose(feats.astype(np.float32), expected, atol=2e-3)
+    np.testing.assert_allclose(np.linalg.norm(feats.astype(np.float32), axis=1), 1.0, atol=2e-3)
+    # The fixture's weights tell images apart (a random-init ViT would not).
+    sims = feats.astype(np.float32) @ feats.astype(np.float32).T
+    assert np.median(sims[np.triu_indices(len(keys), 1)]) < 0.9
+
+
+def test_corrupt_sample_is_counted_not_fatal(embedder, tmp_path):
+    good = [(f"k{i}", _png((80, 70), seed=i)) for i in range(5)]
+    samples = good[:2] + [("broken", b"\xff\xd8\xff not a jpeg")] + good[2:]
+    keys, feats, failures = embed_samples(embedder, samples)
+    assert keys == ["k0", "k1", "k2", "k3", "k4"] and feats.shape == (5, 64)
+    assert [k for k, _ in failures] == ["broken"] and "UnidentifiedImageError" in failures[0][1]
+    # A crawl tar holding an undecodable member: recorded in the part's failures table.
+    layout = RunLayout(tmp_path)
+    layout.crawl_dir.mkdir(parents=True)
+    sink = TarSink(layout.crawl_shard(3).tar)
+    for key, data in samples:
+        sink.add(key, data, {})
+    sink.commit()
+    part = layout.embed_part("00003")
+    marker = embed_crawl_shard(embedder, layout.crawl_shard(3), set(), part, token="x")
+    assert marker["count"] == 5 and marker["failures"] == 1
+    failed = pq.read_table(part.npy.with_name("00003.failures.parquet")).to_pylist()
+    assert failed[0]["key"] == "broken"
+    assert json.loads(part.done.read_text())["count"] == 5
+
+
+def test_cls_patch_mean_features(tmp_path):
+    cfg = EmbedConfig(checkpoint=str(FIXTURE), image_size=56, features="cls_patch_mean")
+    emb = Embedder(cfg)
+    feats = emb(np.stack([preprocess(_png((70, 70), seed=s), 56) for s in range(3)]))
+    assert feats.shape == (3, 128)
+    np.testing.assert_allclose(np.linalg.norm(feats.astype(np.float32), axis=1), 1.0, atol=2e-3)
+
+
+def test_eval_set_errors(embedder, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    part = RunLayout(tmp_path).embed_part("set00", eval_set=True)
+    with pytest.raises(EmbedInputError, match="holds no images"):
+        embed_eval_set(embedder, str(empty), part, "t")
+    with pytest.raises(EmbedInputError, match="neither a folder nor a tar glob"):
+        embed_eval_set(embedder, str(tmp_path / "missing"), part, "t")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"garbage")
+    with pytest.raises(EmbedInputError, match="no image of"):
+        embed_eval_set(embedder, str(bad), part, "t")
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    not_a_vit = tmp_path / "other.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, not_a_vit)
+    with pytest.raises((KeyError, ValueError), match="other.pth|cls_token"):
+        Embedder(EmbedConfig(checkpoint=str(not_a_vit)))
+    with pytest.raises(FileNotFoundError):
+        Embedder(EmbedConfig(checkpoint=str(tmp_path / "nope.pth")))
