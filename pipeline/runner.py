@@ -367,16 +367,18 @@ def _embed_eval_sets(cfg: PipelineConfig, layout: RunLayout) -> list:
 
 
 @ray.remote
-def _search_task(blob, path: str, start: int, stop: int, first_row: int, k: int, thr: float,
-                 use_gpu: bool):  # fmt: skip
-    """kNN edges of one query chunk: rows [start, stop) of one embeddings file."""
+def _search_task(blob, paths: list[str], index_of_part: int, start: int, stop: int,
+                 first_row: int, k: int, thr: float, use_gpu: bool, rescore: bool):  # fmt: skip
+    """kNN edges of one query chunk: rows [start, stop) of one embeddings file (every file
+    memory-mapped when IVF-PQ similarities are re-scored exactly)."""
     import numpy as np
 
     from pipeline.stages import semdedup
 
     index = semdedup.deserialize_index(blob, use_gpu)
-    queries = np.load(path, mmap_mode="r")[start:stop]
-    return semdedup.search_edges(index, queries, first_row, k, thr)
+    parts = [np.load(p, mmap_mode="r") for p in paths]
+    queries = parts[index_of_part][start:stop]
+    return semdedup.search_edges(index, queries, first_row, k, thr, parts if rescore else None)
 
 
 def _ray_search(sem: Any, paths: list[Path]):
@@ -385,16 +387,17 @@ def _ray_search(sem: Any, paths: list[Path]):
     the object store (put once)."""
     from pipeline.stages import semdedup
 
-    def search(index, parts, k: int, threshold: float):
+    def search(index, parts, k: int, threshold: float, rescore: bool = False):
         if sum(p.shape[0] for p in parts) <= sem.query_chunk:
-            return semdedup.search_all(index, parts, k, threshold, sem.query_chunk)
+            return semdedup.search_all(index, parts, k, threshold, sem.query_chunk, rescore)
         blob = ray.put(semdedup.serialize_index(index))
+        names = [str(p) for p in paths]
         refs, first = [], 0
-        for path, part in zip(paths, parts):
+        for i, part in enumerate(parts):
             for start in range(0, part.shape[0], sem.query_chunk):
                 stop = min(start + sem.query_chunk, part.shape[0])
-                refs.append(_search_task.remote(blob, str(path), start, stop, first + start, k,
-                                                threshold, sem.use_gpu))  # fmt: skip
+                refs.append(_search_task.remote(blob, names, i, start, stop, first + start, k,
+                                                threshold, sem.use_gpu, rescore))  # fmt: skip
             first += part.shape[0]
         log.info("semdedup: %d query chunks over Ray tasks", len(refs))
         return semdedup.concat_edges(ray.get(refs))

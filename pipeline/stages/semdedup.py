@@ -41,10 +41,16 @@ log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("auto", "flat", "ivf")
 GPU_MAX_K = 2048  # FAISS GPU indexes: k (and nprobe) at most this
-TRAIN_MAX_ROWS = 4_000_000  # IVF training sample cap (never below 39 per list)
+# IVF training sample: this many rows per list (FAISS accepts 39 to 256). With FAISS's 256 and
+# nlist ~ 4 sqrt(n), every row trains below ~1M rows and training costs n^1.5; at 64 it grows
+# linearly. Capped at TRAIN_MAX_ROWS, never below 39 per list.
+TRAIN_POINTS_PER_LIST = 64
+TRAIN_MAX_ROWS = 4_000_000
 NORM_TOLERANCE = 0.02
+RESCORE_BLOCK = 1024  # queries per block when re-scoring neighbours exactly (IVF-PQ)
+EVAL_CHUNK = 4096  # eval queries per range search: a common image can match many pool rows
 Edges = tuple[np.ndarray, np.ndarray, np.ndarray]  # rows, cols (global ids), float32 similarity
-Search = Callable[[object, Sequence[np.ndarray], int, float], Edges]
+Search = Callable[..., Edges]  # (index, parts, k, threshold[, rescore=True]) -> edges
 
 
 def _check_threshold(value, name: str) -> None:
@@ -151,8 +157,8 @@ def build_index(parts: Sequence[np.ndarray], cfg, n_total: int, seed: int = 0):
     """An inner-product index holding every row of ``parts`` in order (ids = global rows).
 
     Flat, IVF-Flat or IVF-PQ (``index_kind``); trained on a uniform sample of
-    min(n, 256 * nlist) rows (FAISS's points-per-centroid cap; TRAIN_MAX_ROWS at most), then
-    filled chunk by chunk in float32. On every GPU when ``gpu_available(cfg.use_gpu)``."""
+    min(n, TRAIN_POINTS_PER_LIST * nlist) rows, then filled chunk by chunk in float32. On
+    every GPU when ``gpu_available(cfg.use_gpu)``."""
     import faiss
 
     dim = embedding_dim(parts, "pool")
@@ -161,6 +167,8 @@ def build_index(parts: Sequence[np.ndarray], cfg, n_total: int, seed: int = 0):
         index = faiss.IndexFlatIP(dim)
     else:
         nlist = ivf_nlist(cfg, n_total)
+        if nlist > n_total:
+            raise ValueError(f"semdedup.ivf_nlist={nlist} exceeds the {n_total} embeddings")
         quantizer = faiss.IndexFlatIP(dim)
         if kind == "ivfpq":
             if dim % cfg.pq_m:
@@ -173,8 +181,8 @@ def build_index(parts: Sequence[np.ndarray], cfg, n_total: int, seed: int = 0):
     if gpu_available(cfg.use_gpu):
         index = faiss.index_cpu_to_all_gpus(index)  # untrained: trained and filled on the GPU
     if kind != "flat":
-        size = max(39 * nlist, min(256 * nlist, TRAIN_MAX_ROWS))
-        if kind == "ivfpq":
+        size = max(39 * nlist, min(TRAIN_POINTS_PER_LIST * nlist, TRAIN_MAX_ROWS))
+        if kind == "ivfpq":  # and 256 rows per PQ centroid
             size = max(size, 256 * 256)
         index.train(_training_sample(parts, n_total, min(n_total, size), seed))
     for _, block in chunks(parts, cfg.query_chunk):
@@ -213,20 +221,44 @@ def deserialize_index(blob: np.ndarray, use_gpu: bool = False):
 # -- kNN graph --------------------------------------------------------------------------------
 
 
-def search_edges(index, queries: np.ndarray, first_row: int, k: int, threshold: float) -> Edges:
+def search_edges(
+    index, queries: np.ndarray, first_row: int, k: int, threshold: float,
+    exact_parts: Sequence[np.ndarray] | None = None,
+) -> Edges:  # fmt: skip
     """One query chunk (global rows first_row...) -> its edges: neighbour above ``threshold``,
-    self-matches removed. k counts the query itself and is capped by the index size."""
-    k = min(k, index.ntotal)
-    sims, cols = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    self-matches removed. k counts the query itself, capped by the index size (and GPU_MAX_K).
+    With ``exact_parts`` (IVF-PQ) the neighbours' similarities are recomputed from them."""
+    k = min(k, index.ntotal, GPU_MAX_K if on_gpu(index) else k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    sims, cols = index.search(queries, k)
+    if exact_parts is not None:
+        sims = exact_sims(queries, cols, exact_parts)
     rows = np.repeat(np.arange(first_row, first_row + len(queries), dtype=np.int64), k)
     sims, cols = sims.reshape(-1), cols.reshape(-1).astype(np.int64)
     keep = (cols >= 0) & (cols != rows) & (sims > threshold)
     return rows[keep], cols[keep], sims[keep].astype(np.float32)
 
 
-def search_all(index, parts: Sequence[np.ndarray], k: int, threshold: float, chunk: int) -> Edges:
+def exact_sims(queries: np.ndarray, cols: np.ndarray, parts: Sequence[np.ndarray]) -> np.ndarray:
+    """float32 [q, k] cosine of each query with its neighbours ``cols`` (-1: -inf), gathered
+    from ``parts``. PQ similarities are biased low (the codes shrink residuals: -0.2 on near
+    copies at 48 bytes for 384-d) while their ranking stays good: re-score, keep the ranking."""
+    out = np.full(cols.shape, -np.inf, np.float32)
+    for s in range(0, len(queries), RESCORE_BLOCK):
+        block, valid = cols[s : s + RESCORE_BLOCK], cols[s : s + RESCORE_BLOCK] >= 0
+        q = np.repeat(queries[s : s + RESCORE_BLOCK], valid.sum(axis=1), axis=0)
+        out[s : s + RESCORE_BLOCK][valid] = np.einsum("ij,ij->i", q, rows_of(parts, block[valid]))
+    return out
+
+
+def search_all(
+    index, parts: Sequence[np.ndarray], k: int, threshold: float, chunk: int, rescore: bool = False
+) -> Edges:
     """Every chunk of ``parts`` through ``search_edges``, in this process."""
-    return concat_edges([search_edges(index, q, r, k, threshold) for r, q in chunks(parts, chunk)])
+    exact = parts if rescore else None
+    return concat_edges(
+        [search_edges(index, q, r, k, threshold, exact) for r, q in chunks(parts, chunk)]
+    )
 
 
 def concat_edges(found: Sequence[Edges]) -> Edges:
@@ -267,16 +299,18 @@ def pick_survivors(labels: np.ndarray, keys: Sequence[str], areas: np.ndarray) -
 
 
 def eval_matches(
-    index, queries: np.ndarray, first_row: int, threshold: float, method: str = "auto"
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    index, queries: np.ndarray, first_row: int, threshold: float, method: str = "auto",
+    exact_parts: Sequence[np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # fmt: skip
     """(pool rows, eval rows, similarities, saturated queries): every pool-eval pair above
     ``threshold`` for one chunk of eval queries (global eval rows first_row...).
 
-    ``range``: FAISS range search, exact on a flat index. ``knn``: k doubles while a query's
+    ``range``: FAISS range search, exact on a flat index (IVF: within the probed lists). ``knn``: k doubles while a query's
     last neighbour is above the threshold, up to the pool (GPU_MAX_K on a GPU); queries still
-    saturated there may miss matches and are counted. ``auto``: range, knn on a GPU index."""
+    saturated there may miss matches and are counted. ``auto``: range, knn on a GPU index or
+    with ``exact_parts`` (IVF-PQ: kNN ranking, similarities re-scored as in ``search_edges``)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    if method == "range" or (method == "auto" and not on_gpu(index)):
+    if method == "range" or (method == "auto" and not on_gpu(index) and exact_parts is None):
         lims, sims, pool = index.range_search(queries, threshold)
         counts = np.diff(lims).astype(np.int64)
         evals = np.repeat(np.arange(first_row, first_row + len(queries), dtype=np.int64), counts)
@@ -285,6 +319,8 @@ def eval_matches(
     todo, k, found, saturated = np.arange(len(queries)), min(64, cap), [], 0
     while len(todo):
         sims, pool = index.search(queries[todo], k)
+        if exact_parts is not None:
+            sims = exact_sims(queries[todo], pool, exact_parts)
         full = sims[:, -1] > threshold  # the last neighbour matches: there may be more
         done = ~full if k < cap else np.ones(len(todo), np.bool_)
         if k == cap and cap < index.ntotal:
@@ -307,17 +343,18 @@ def best_per_group(groups: np.ndarray, others: np.ndarray, sims: np.ndarray) -> 
 
 def contaminated_components(
     index, eval_parts: Sequence[np.ndarray], labels: np.ndarray, threshold: float, chunk: int,
-    method: str = "auto",
+    method: str = "auto", exact_parts: Sequence[np.ndarray] | None = None,
 ) -> tuple[Edges, dict]:  # fmt: skip
     """((component ids, best eval row, its similarity), counts) of every pool component with
-    an image above ``threshold`` to some eval image; reduced per eval chunk (bounded memory)."""
+    an image above ``threshold`` to some eval image; reduced per eval chunk (bounded memory).
+    ``exact_parts``: the pool's embeddings, to re-score IVF-PQ similarities (``eval_matches``)."""
     best, counts = concat_edges([]), {"eval_pairs": 0, "eval_saturated_queries": 0}
     for first, queries in chunks(eval_parts, chunk):
-        pool, evals, sims, saturated = eval_matches(index, queries, first, threshold, method)
+        found = eval_matches(index, queries, first, threshold, method, exact_parts)
+        pool, evals, sims, saturated = found
         counts["eval_pairs"] += len(pool)
         counts["eval_saturated_queries"] += saturated
-        merged = concat_edges([best, (labels[pool], evals, sims)])
-        best = best_per_group(*merged)
+        best = best_per_group(*concat_edges([best, (labels[pool], evals, sims)]))
     if counts["eval_saturated_queries"]:
         log.warning("decontaminate: %d eval images match more than %d pool images; some matches "
                     "may be missed", counts["eval_saturated_queries"], GPU_MAX_K)  # fmt: skip
@@ -370,7 +407,44 @@ def semantic_dedup(
     """Verdicts for every row of ``parts`` (module docstring) and a summary of counts.
 
     ``search(index, parts, k, threshold) -> edges`` may run the kNN queries elsewhere (Ray
-    tasks running ``search_edges`` per chunk); by default ``search_all`` here."""
+    tasks running ``search_edges`` per chunk); by default ``search_all`` here. For IVF-PQ it is
+    called with ``rescore=True`` as well: its tasks must then pass the pool's embeddings as
+    ``exact_parts``, since PQ similarities are re-scored exactly from the embeddings (neighbours
+    and eval matches) so that ``threshold`` keeps its meaning."""
+    n, eval_parts = check_inputs(parts, keys, areas, cfg, eval_parts, eval_keys, decon_threshold)
+    rescore = index_kind(cfg, n) == "ivfpq"
+    seconds, t = {}, time.perf_counter()
+    index = build_index(parts, cfg, n)
+    seconds["index"], t = time.perf_counter() - t, time.perf_counter()
+    if search is None:
+        rows, cols, _ = search_all(index, parts, cfg.k, cfg.threshold, cfg.query_chunk, rescore)
+    else:  # rescore passed only when set: a 4-argument search fails loudly on IVF-PQ
+        rows, cols, _ = search(
+            index, parts, cfg.k, cfg.threshold, **({"rescore": True} if rescore else {})
+        )
+    seconds["search"], t = time.perf_counter() - t, time.perf_counter()
+    labels = components(n, rows, cols)
+    survivors = pick_survivors(labels, keys, areas)
+    dropped = np.nonzero(survivors != np.arange(n))[0]
+    survivor_sim = np.full(n, np.nan, np.float32)
+    survivor_sim[dropped] = cosine_between(parts, dropped, survivors[dropped], cfg.query_chunk)
+    seconds["components"], t = time.perf_counter() - t, time.perf_counter()
+    hits, counts = None, {"eval_pairs": 0, "eval_saturated_queries": 0}
+    if eval_parts:
+        hits, eval_counts = contaminated_components(
+            index, eval_parts, labels, decon_threshold, EVAL_CHUNK, eval_method,
+            parts if rescore else None,
+        )  # fmt: skip
+        counts.update(eval_counts)
+    seconds["decontaminate"], t = time.perf_counter() - t, time.perf_counter()
+    table = semantic_table(keys, labels, survivors, survivor_sim, hits, eval_keys)
+    seconds["table"] = time.perf_counter() - t
+    counts.update(edges=len(rows), eval_images=sum(p.shape[0] for p in eval_parts))
+    return table, _summary(table, labels, cfg, n, index, counts, seconds)
+
+
+def check_inputs(parts, keys, areas, cfg, eval_parts, eval_keys, decon_threshold):
+    """(pool size, non-empty eval parts), or ValueError on anything semantic_dedup can't use."""
     check_semdedup_config(cfg)
     _check_threshold(decon_threshold, "decontaminate.threshold")
     n = sum(p.shape[0] for p in parts)
@@ -387,34 +461,13 @@ def semantic_dedup(
     check_normalised(eval_parts, "eval")
     if eval_keys is not None and len(eval_keys) != sum(p.shape[0] for p in eval_parts):
         raise ValueError(f"decontaminate: {len(eval_keys)} eval keys for the eval embeddings")
-    seconds, t = {}, time.perf_counter()
-    index = build_index(parts, cfg, n)
-    seconds["index"], t = time.perf_counter() - t, time.perf_counter()
-    if search is None:
-        rows, cols, _ = search_all(index, parts, cfg.k, cfg.threshold, cfg.query_chunk)
-    else:
-        rows, cols, _ = search(index, parts, cfg.k, cfg.threshold)
-    seconds["search"], t = time.perf_counter() - t, time.perf_counter()
-    labels = components(n, rows, cols)
-    survivors = pick_survivors(labels, keys, areas)
-    dropped = np.nonzero(survivors != np.arange(n))[0]
-    survivor_sim = np.full(n, np.nan, np.float32)
-    survivor_sim[dropped] = cosine_between(parts, dropped, survivors[dropped], cfg.query_chunk)
-    seconds["components"], t = time.perf_counter() - t, time.perf_counter()
-    hits, eval_counts = None, {"eval_pairs": 0, "eval_saturated_queries": 0}
-    if eval_parts:
-        hits, eval_counts = contaminated_components(
-            index, eval_parts, labels, decon_threshold, cfg.query_chunk, eval_method
-        )
-    seconds["decontaminate"], t = time.perf_counter() - t, time.perf_counter()
-    table = semantic_table(keys, labels, survivors, survivor_sim, hits, eval_keys)
-    seconds["table"] = time.perf_counter() - t
-    return table, _summary(table, labels, rows, cfg, n, index, eval_parts, eval_counts, seconds)
+    return n, eval_parts
 
 
-def _summary(table, labels, rows, cfg, n, index, eval_parts, eval_counts, seconds) -> dict:
+def _summary(table, labels, cfg, n, index, counts, seconds) -> dict:
     reasons = table.column("reason").to_numpy(zero_copy_only=False)
     sizes = np.bincount(labels)
+    kind = index_kind(cfg, n)
     return {
         "samples": n,
         "kept": int((reasons == None).sum()),  # noqa: E711  (element-wise)
@@ -422,13 +475,11 @@ def _summary(table, labels, rows, cfg, n, index, eval_parts, eval_counts, second
         "eval_contaminated": int((reasons == "eval").sum()),
         "components_with_duplicates": int((sizes > 1).sum()),
         "largest_component": int(sizes.max()),
-        "edges": int(len(rows)),  # kNN hits above the threshold; a pair seen from both sides: 2
-        "index": index_kind(cfg, n),
+        "index": kind,
         "gpu": on_gpu(index),
-        "nlist": 0 if index_kind(cfg, n) == "flat" else ivf_nlist(cfg, n),
+        "nlist": 0 if kind == "flat" else ivf_nlist(cfg, n),
         "k": int(min(cfg.k, n)),
         "threshold": cfg.threshold,
-        "eval_images": int(sum(p.shape[0] for p in eval_parts)),
-        **eval_counts,
+        **{name: int(v) for name, v in counts.items()},  # edges: directed kNN hits
         "seconds": {name: round(s, 3) for name, s in seconds.items()},
     }

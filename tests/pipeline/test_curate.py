@@ -168,12 +168,20 @@ def test_rerun_skips_and_changed_settings_are_refused(curated_run, eval_dir, ray
     changed = _cli(*_args(urls, out, "semdedup.threshold=0.5"), address=ray_address)
     assert changed.returncode == 2
     assert "semdedup.threshold=0.95" in changed.stderr and "redo=[semdedup]" in changed.stderr
-    sub = _cli(*_args(urls, out, "semdedup.threshold=0.5", "redo=[semdedup]",
-                      "stages=[semdedup]"), address=ray_address)  # fmt: skip
+    # Redo with an IVF index (every list probed: exact), query chunks on Ray tasks.
+    sub = _cli(*_args(urls, out, "semdedup.threshold=0.5", "redo=[semdedup]", "stages=[semdedup]",
+                      "semdedup.index=ivf", "semdedup.ivf_nlist=1", "semdedup.ivf_nprobe=1"),
+               address=ray_address)  # fmt: skip
     assert sub.returncode == 0, sub.stderr[-3000:]
     assert json.loads(sub.stdout)["stages"] == ["semdedup"]
-    verdicts = pq.read_table(layout.semantic_parquet)["reason"].to_pylist()
-    assert verdicts.count("semantic") > 0 and "eval" not in verdicts  # no eval sets this time
+    semantic = pq.read_table(layout.semantic_parquet).to_pylist()
+    feats, keys = _embeddings(layout)
+    crawl = pq.read_table([s.parquet for s in layout.crawl_done()]).to_pylist()
+    areas = {r["key"]: (r["original_width"] or 0) * (r["original_height"] or 0) for r in crawl}
+    no_eval = np.zeros((0, feats.shape[1]), np.float32)
+    expected = _reference_verdicts(feats, keys, areas, 0.5, no_eval, 0.45)
+    assert {r["key"]: r["reason"] for r in semantic} == expected
+    assert list(expected.values()).count("semantic") > 0
 
 
 def test_sigkill_during_embed_then_rerun(curated_run, ray_address, tmp_path, wait):
