@@ -4,7 +4,7 @@
     python -m pipeline run configs/pipeline/curate.yaml input.urls=urls.parquet output_dir=RUN \
         embed.checkpoint=dinov2_vitl14_pretrain.pth [stages=[embed,semdedup]] [redo=[semdedup]]
     python -m pipeline run ... --address ray://HEAD:10001     # or RAY_ADDRESS; local Ray otherwise
-    python -m pipeline manifest {summary,shards,failures,validate} RUN [--json]
+    python -m pipeline manifest {summary,shards,failures,validate,clusters} RUN [--json]
 
 Every input problem (config, URL file, column, empty list, a stage's changed settings) is
 reported before Ray starts.
@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="key=value overrides")
     run.add_argument("--address", default=None, help="Ray cluster address (else RAY_ADDRESS)")
     manifest = sub.add_parser("manifest", help="inspect a run directory")
-    manifest.add_argument("action", choices=["summary", "shards", "failures", "validate"])
+    manifest.add_argument(
+        "action", choices=["summary", "shards", "failures", "validate", "clusters"]
+    )
     manifest.add_argument("run_dir")
     manifest.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
@@ -49,19 +51,32 @@ def prepare_run(config: str, overrides: list[str]) -> tuple[PipelineConfig, int]
     try:
         if "crawl" in stages:
             check_crawl_config(cfg.crawl)
-        if "embed" in stages or ("semdedup" in stages and cfg.decontaminate.sets):
+        if "embed" in stages or (set(stages) & {"semdedup", "curate"} and _needs_model(cfg)):
             check_embed_config(cfg.embed)
         if "semdedup" in stages:
             from pipeline.stages.semdedup import check_decontaminate_config, check_semdedup_config
 
             check_semdedup_config(cfg.semdedup)
             check_decontaminate_config(cfg.decontaminate)
+        if "cluster" in stages:
+            from pipeline.stages.cluster import check_cluster_config
+
+            check_cluster_config(cfg.cluster)
+        if "curate" in stages:
+            from pipeline.stages.curate import check_curate_config
+
+            check_curate_config(cfg.curate)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if "embed" in stages or cfg.decontaminate.sets:
+    if "embed" in stages or (set(stages) & {"semdedup", "curate"} and _needs_model(cfg)):
         _check_checkpoint(cfg.embed.checkpoint)
     total = check_input(cfg.input) if "crawl" in stages else 0
     return cfg, total
+
+
+def _needs_model(cfg: PipelineConfig) -> bool:
+    """Decontamination and seed sets are embedded with the pool's model."""
+    return bool(cfg.decontaminate.sets or cfg.curate.seeds)
 
 
 def _check_checkpoint(path: str) -> None:

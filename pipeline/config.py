@@ -88,6 +88,49 @@ class DecontaminateConfig:
 
 
 @dataclass
+class ClusterConfig:
+    # Clusters per level, level 1 (the embeddings) first; strictly decreasing.
+    levels: list[int] = field(default_factory=lambda: [1000, 100, 10])
+    # Lloyd iterations of every k-means run (the paper: 50; FAISS's default: 25). 20 here:
+    # spherical k-means of embeddings is within about 1% of its final objective by then and
+    # the cost is linear in it.
+    iterations: int = 20
+    # Resampling steps per level. Level 1: one step (each costs about half the level's first
+    # k-means when the sample rule applies); upper levels cluster centroids, which is cheap:
+    # 10 as in the paper.
+    resampling_steps: list[int] = field(default_factory=lambda: [1, 10, 10])
+    # Points kept per cluster in a resampling step, per level; 0: half the average cluster
+    # size of the level's training sample (the paper's rule: 10/5/3 for 20/10/5 on average).
+    sample_sizes: list[int] = field(default_factory=lambda: [0, 0, 0])
+    init: str = "kmeans++"  # kmeans++ (ours, as in the paper) | faiss (FAISS's random init)
+    # Training sample of a level: at most k * this many of its inputs (FAISS's rule).
+    max_points_per_centroid: int = 256
+    seed: int = 0
+    use_gpu: bool = True  # FAISS k-means and assignment on the GPU(s) when present
+    assign_chunk: int = 65536  # rows per assignment call / Ray task
+
+
+@dataclass
+class CurateConfig:
+    # Seed images: "the domain I want more of" (a folder of images or a glob of tars), embedded
+    # with the pool's model. Empty: no retrieval, balanced sampling only.
+    seeds: str = ""
+    mode: str = "auto"  # auto (retrieval when seeds are set, then balanced) | retrieval | balanced
+    retrieval: str = "auto"  # auto | sample | cluster: per-seed kNN, or whole level-1 clusters
+    cluster_based_below: int = 1000  # auto: cluster-based for seed sets smaller than this
+    per_seed: int = 4  # sample-based: nearest pool images per seed image (DINOv2: 4)
+    min_seeds_per_cluster: int = 3  # cluster-based: clusters holding more seeds than this
+    per_cluster: int = 10000  # cluster-based: images taken from each such cluster
+    max_per_seed_set: int = 1_000_000  # cluster-based: cap over the whole seed set
+    retrieval_ivf_min_size: int = 1_000_000  # exact search below, IVF above
+    target_size: int = 0  # balanced sampling fills the selection up to this; 0: retrieval only
+    strategy: str = "random"  # random | closest: which images of a level-1 cluster to take
+    max_repeat: int = 1  # how often balanced sampling may pick one image
+    shard_size: int = 1000  # samples per curated shard
+    seed: int = 0
+
+
+@dataclass
 class RayConfig:
     address: str = ""  # empty: RAY_ADDRESS or a new local cluster
     num_cpus: int = 0  # local cluster only; 0 = all cores
@@ -108,6 +151,8 @@ class PipelineConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     semdedup: SemDedupConfig = field(default_factory=SemDedupConfig)
     decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

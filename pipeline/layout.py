@@ -16,6 +16,14 @@ the run directory).
     RUN/embed/eval/<set>.{npy,keys.parquet,done.json}   evaluation sets, same format
     RUN/dedup/semantic.parquet            semantic + eval verdicts (key, duplicate_of, reason, ...)
     RUN/dedup/semantic_summary.json
+    RUN/clusters/levelT/{centroids,assignment,distances}.npy   per level (inputs: the kept
+                                          pool for level 1, level T-1's centroids above)
+    RUN/clusters/assignments.parquet      key, cluster_l1..lN, distance (to its level-1 centroid)
+    RUN/embed/seeds/set00.*               the seed images, embedded like the pool
+    RUN/curated/selection.parquet         key, selected_by, query_key, query_distance, multiplicity
+    RUN/curated/shards/NNNNNN.tar         the training data (+ NNNNNN.done.json markers)
+    RUN/curated/manifest.parquet          one row per curated sample
+    RUN/curated/summary.json              counts per stage and reason, balance, shard list
     RUN/train_shards.txt                  the tars a training run should read
 """
 
@@ -118,6 +126,17 @@ class RunLayout:
         self.embed_dir = self.root / "embed"
         self.eval_embed_dir = self.embed_dir / "eval"
         self.train_shard_list = self.root / TRAIN_SHARD_LIST
+        self.clusters_dir = self.root / "clusters"
+        self.assignments = self.clusters_dir / "assignments.parquet"
+        self.seed_embed_dir = self.embed_dir / "seeds"
+        self.curated_dir = self.root / "curated"
+        self.selection = self.curated_dir / "selection.parquet"
+        self.curated_shards_dir = self.curated_dir / "shards"
+        self.curated_manifest = self.curated_dir / "manifest.parquet"
+        self.curated_summary = self.curated_dir / "summary.json"
+
+    def level_dir(self, level: int) -> Path:
+        return self.clusters_dir / f"level{level}"
 
     def stage_file(self, stage: str) -> Path:
         return self.stages_dir / f"{stage}.json"
@@ -130,16 +149,19 @@ class RunLayout:
         indices = sorted(int(p.name.split(".")[0]) for p in self.crawl_dir.glob("*.stats.json"))
         return [self.crawl_shard(i) for i in indices]
 
-    def embed_part(self, name: str, eval_set: bool = False) -> EmbedPart:
-        d = self.eval_embed_dir if eval_set else self.embed_dir
+    def embed_part(self, name: str, eval_set: bool = False, seeds: bool = False) -> EmbedPart:
+        d = self._embed_dir(eval_set, seeds)
         return EmbedPart(
             name, d / f"{name}.npy", d / f"{name}.keys.parquet", d / f"{name}.done.json"
         )
 
-    def embed_done(self, eval_set: bool = False) -> list[EmbedPart]:
-        d = self.eval_embed_dir if eval_set else self.embed_dir
+    def _embed_dir(self, eval_set: bool, seeds: bool) -> Path:
+        return self.seed_embed_dir if seeds else self.eval_embed_dir if eval_set else self.embed_dir
+
+    def embed_done(self, eval_set: bool = False, seeds: bool = False) -> list[EmbedPart]:
+        d = self._embed_dir(eval_set, seeds)
         names = sorted(p.name[: -len(".done.json")] for p in d.glob("*.done.json"))
-        return [self.embed_part(n, eval_set) for n in names]
+        return [self.embed_part(n, eval_set, seeds) for n in names]
 
     def stage_dirs(self, stage: str) -> list[Path]:
         """What `redo=<stage>` removes (the stage's own outputs)."""
@@ -148,6 +170,9 @@ class RunLayout:
             "dedup": [self.dedup_parquet, self.dedup_summary],
             "embed": [self.embed_dir],
             "semdedup": [self.semantic_parquet, self.semantic_summary],
+            "cluster": [self.clusters_dir],
+            "curate": [self.selection, self.seed_embed_dir],
+            "write": [self.curated_shards_dir, self.curated_manifest, self.curated_summary],
         }[stage]
 
 

@@ -72,6 +72,13 @@ def summary(run_dir: Path) -> dict:
     if layout.dedup_summary.exists():
         report["dedup"] = json.loads(layout.dedup_summary.read_text())
     report.update(_curation_counts(layout))
+    if layout.curated_summary.exists():
+        curated = json.loads(layout.curated_summary.read_text())
+        report["curated"] = {
+            k: curated[k]
+            for k in ("pool", "curated_samples", "curated_images", "selected_by", "shards")
+            if k in curated
+        }
     return report
 
 
@@ -96,6 +103,10 @@ def _curation_counts(layout: RunLayout) -> dict:
         }
     if layout.semantic_summary.exists():
         out["semdedup"] = json.loads(layout.semantic_summary.read_text())
+    for stage in ("cluster", "curate"):
+        state = plan.read_state(layout, stage)
+        if state and state.get("summary"):
+            out[stage] = {k: v for k, v in state["summary"].items() if k != "duration_s"}
     return out
 
 
@@ -143,7 +154,34 @@ def validate(run_dir: Path) -> dict:
             continue
         problems += _validate_shard(name, tar, parquet, read_stats(stats_path))
         checked += 1
-    return {"ok": not problems, "shards_checked": checked, "problems": problems}
+    report = {"ok": not problems, "shards_checked": checked, "problems": problems}
+    layout = RunLayout(run_dir)
+    if layout.curated_manifest.exists():
+        from pipeline.stages.write import validate_curated
+
+        rows = pq.read_table(layout.curated_manifest).to_pylist()
+        curated = [f"curated: {p}" for p in validate_curated(layout.curated_shards_dir, rows)]
+        report.update(curated_shards_checked=len(list(layout.curated_shards_dir.glob("*.tar"))),
+                      curated_samples=len(rows), ok=not (problems or curated),
+                      problems=problems + curated)  # fmt: skip
+    return report
+
+
+def clusters(run_dir: Path) -> dict:
+    """Cluster balance per level: the kept pool, and the curated set when written."""
+    from pipeline.stages.curate import balance_report
+
+    layout = RunLayout(run_dir)
+    if not layout.assignments.exists():
+        return {"levels": {}, "note": "no clusters yet: run the cluster stage"}
+    pool = pq.read_table(layout.assignments)
+    curated = pq.read_table(layout.curated_manifest) if layout.curated_manifest.exists() else None
+    out = {}
+    for column in (c for c in pool.column_names if c.startswith("cluster_l")):
+        out[column] = {"pool": balance_report(pool[column].to_numpy())}
+        if curated is not None:
+            out[column]["curated"] = balance_report(curated[column].to_numpy())
+    return {"levels": out}
 
 
 def _validate_shard(name: str, tar: Path, parquet: Path, stats: dict) -> list[str]:
@@ -207,5 +245,16 @@ def render(action: str, report: dict) -> str:
         return "\n".join(lines) or "no failures"
     if action == "validate":
         head = f"{'OK' if report['ok'] else 'MISMATCH'}: {report['shards_checked']} shards checked"
+        if "curated_shards_checked" in report:
+            head += f", {report['curated_shards_checked']} curated shards checked"
         return "\n".join([head] + report["problems"])
+    if action == "clusters":
+        lines = [f"{'level':<12} {'set':<8} {'clusters':>8} {'min':>6} {'median':>8} {'max':>6} "
+                 f"{'entropy':>8}"]  # fmt: skip
+        for level, sets in report["levels"].items():
+            for name, b in sets.items():
+                lines.append(f"{level:<12} {name:<8} {b.get('clusters', 0):>8} {b.get('min', 0):>6} "
+                             f"{b.get('median', 0):>8} {b.get('max', 0):>6} "
+                             f"{b.get('normalised_entropy', 0):>8}")  # fmt: skip
+        return "\n".join(lines if report["levels"] else [report.get("note", "no clusters")])
     return "\n".join(f"{k}: {json.dumps(v)}" for k, v in report.items())

@@ -66,8 +66,11 @@ def run_pipeline(cfg: PipelineConfig, total_rows: int, address: str | None = Non
     removed = plan.apply_redo(cfg, layout)
     if removed:
         log.info("redo: cleared the outputs of %s", ", ".join(removed))
+    from pipeline import runner_curate as rc
+
     runners = {"crawl": _run_crawl, "dedup": _run_dedup, "embed": _run_embed,
-               "semdedup": _run_semdedup}  # fmt: skip
+               "semdedup": _run_semdedup, "cluster": rc.run_cluster, "curate": rc.run_curate,
+               "write": rc.run_write}  # fmt: skip
     summary: dict[str, Any] = {"stages": stages, "ok": True}
     connect(cfg, address)
     try:
@@ -82,8 +85,9 @@ def run_pipeline(cfg: PipelineConfig, total_rows: int, address: str | None = Non
                 log.error("stage %s left work unfinished: rerun the same command", stage)
                 summary["ok"] = False
                 break
-            plan.mark(layout, cfg, stage, "done", summary=result,
-                      input_token=result.pop("input_token", None))  # fmt: skip
+            input_token = result.pop("input_token", None)
+            kept = (previous or {}).get("summary") if result.get("skipped") else None
+            plan.mark(layout, cfg, stage, "done", summary=kept or result, input_token=input_token)
     finally:
         ray.shutdown()
     return summary
@@ -211,10 +215,10 @@ class EmbedActor:
 
         return embed_crawl_shard(self.embedder, shard, drop, part, token_)
 
-    def embed_eval_set(self, spec: str, part, token_: str) -> dict:
+    def embed_eval_set(self, spec: str, part, token_: str, what: str = "decontaminate.sets"):
         from pipeline.stages.embed import embed_eval_set
 
-        return embed_eval_set(self.embedder, spec, part, token_)
+        return embed_eval_set(self.embedder, spec, part, token_, what)
 
 
 def embed_actors(cfg: PipelineConfig) -> list:

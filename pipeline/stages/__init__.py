@@ -4,6 +4,9 @@
     dedup     driver: exact (sha256) and near-exact (pHash) duplicates        -> RUN/dedup/dedup.parquet
     embed     Ray actors: the ViT's L2-normalised features of every survivor  -> RUN/embed/
     semdedup  FAISS kNN graph: copies by embedding, eval-set decontamination  -> RUN/dedup/semantic.parquet
+    cluster   hierarchical k-means of the kept pool (sampled fit, Ray assign) -> RUN/clusters/
+    curate    retrieval around seed images + balanced sampling               -> RUN/curated/selection.parquet
+    write     curated WebDataset shards (Ray tasks), manifest, summary        -> RUN/curated/
 
 Each stage module holds plain functions over one shard or one chunk (testable without Ray);
 `pipeline.runner` schedules them. A stage's ``settings`` are the config keys that define its
@@ -34,7 +37,7 @@ STAGES: tuple[Stage, ...] = (
             "crawl.min_size",
             "crawl.jpeg_quality",
         ),
-    ),  # fmt: skip
+    ),
     Stage("dedup", ("crawl",), ("dedup.phash_threshold",)),
     Stage(
         "embed",
@@ -54,7 +57,39 @@ STAGES: tuple[Stage, ...] = (
             "semdedup.pq_m",
             "decontaminate",
         ),
-    ),  # fmt: skip
+    ),
+    Stage(
+        "cluster",
+        ("embed", "semdedup"),
+        (
+            "cluster.levels",
+            "cluster.iterations",
+            "cluster.resampling_steps",
+            "cluster.sample_sizes",
+            "cluster.init",
+            "cluster.max_points_per_centroid",
+            "cluster.seed",
+        ),
+    ),
+    Stage(
+        "curate",
+        ("embed", "semdedup", "cluster"),
+        (
+            "curate.seeds",
+            "curate.mode",
+            "curate.retrieval",
+            "curate.cluster_based_below",
+            "curate.per_seed",
+            "curate.min_seeds_per_cluster",
+            "curate.per_cluster",
+            "curate.max_per_seed_set",
+            "curate.target_size",
+            "curate.strategy",
+            "curate.max_repeat",
+            "curate.seed",
+        ),
+    ),
+    Stage("write", ("crawl", "curate"), ("curate.shard_size", "curate.seed")),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 BY_NAME = {s.name: s for s in STAGES}

@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.config import ClusterConfig  # noqa: F401  (re-exported)
 from pipeline.stages.semdedup import chunks, embedding_dim, gpu_available, rows_of
 
 log = logging.getLogger(__name__)
@@ -48,29 +49,6 @@ INIT_METHODS = ("kmeans++", "faiss")
 NORM_TOLERANCE = 0.02  # |norm - 1| allowed in inputs (float16 storage rounds to ~1e-3)
 KPP_CANDIDATES_PER_CENTROID = 8  # k-means++ seeds are drawn from min(n, 8 k) sample points
 SEED_LEVEL_STRIDE = 1000
-
-
-@dataclass
-class ClusterConfig:
-    # Clusters per level, level 1 (the embeddings) first; strictly decreasing.
-    levels: list[int] = field(default_factory=lambda: [1000, 100, 10])
-    # Lloyd iterations of every k-means run (the paper: 50; FAISS's default: 25). 20 here:
-    # spherical k-means of embeddings is within about 1% of its final objective by then and
-    # the cost is linear in it.
-    iterations: int = 20
-    # Resampling steps per level. Level 1: one step (each costs about half the level's first
-    # k-means when the sample rule applies); upper levels cluster centroids, which is cheap:
-    # 10 as in the paper.
-    resampling_steps: list[int] = field(default_factory=lambda: [1, 10, 10])
-    # Points kept per cluster in a resampling step, per level; 0: half the average cluster
-    # size of the level's training sample (the paper's rule: 10/5/3 for 20/10/5 on average).
-    sample_sizes: list[int] = field(default_factory=lambda: [0, 0, 0])
-    init: str = "kmeans++"  # kmeans++ (ours, as in the paper) | faiss (FAISS's random init)
-    # Training sample of a level: at most k * this many of its inputs (FAISS's rule).
-    max_points_per_centroid: int = 256
-    seed: int = 0
-    use_gpu: bool = True  # FAISS k-means and assignment on the GPU(s) when present
-    assign_chunk: int = 65536  # rows per assignment call / Ray task
 
 
 @dataclass

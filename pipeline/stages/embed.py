@@ -190,7 +190,7 @@ def embed_crawl_shard(
     return marker
 
 
-def eval_set_files(spec: str) -> list[tuple[str, str | None]]:
+def eval_set_files(spec: str, what: str = "decontaminate.sets") -> list[tuple[str, str | None]]:
     """An evaluation set (a folder of images, or a glob of tars) as (path, tar member or None)."""
     path = Path(spec)
     if path.is_dir():
@@ -199,10 +199,10 @@ def eval_set_files(spec: str) -> list[tuple[str, str | None]]:
     else:
         tars = sorted(glob.glob(spec))
         if not tars:
-            raise EmbedInputError(f"decontaminate.sets: {spec} is neither a folder nor a tar glob")
+            raise EmbedInputError(f"{what}: {spec} is neither a folder nor a tar glob")
         items = [(t, None) for t in tars if t.endswith(".tar")]
     if not items:
-        raise EmbedInputError(f"decontaminate.sets: {spec} holds no images (or no .tar files)")
+        raise EmbedInputError(f"{what}: {spec} holds no images (or no .tar files)")
     return items
 
 
@@ -218,14 +218,15 @@ def eval_set_samples(items: list[tuple[str, str | None]]) -> Iterator[tuple[str,
                 yield f"{path}:{key}", files[ext]
 
 
-def embed_eval_set(embedder: Embedder, spec: str, part: EmbedPart, token: str) -> dict:
-    """Embed every image of one evaluation set into ``part``; raise if none decodes."""
+def embed_eval_set(
+    embedder: Embedder, spec: str, part: EmbedPart, token: str, what: str = "decontaminate.sets"
+) -> dict:
+    """Embed every image of one image set (evaluation or seed images) into ``part``; raise
+    if none decodes. ``what`` names the setting in errors."""
     part.done.unlink(missing_ok=True)
-    keys, feats, failures = embed_samples(embedder, eval_set_samples(eval_set_files(spec)))
+    keys, feats, failures = embed_samples(embedder, eval_set_samples(eval_set_files(spec, what)))
     if not keys:
-        raise EmbedInputError(
-            f"decontaminate.sets: no image of {spec} decodes ({len(failures)} tried)"
-        )
+        raise EmbedInputError(f"{what}: no image of {spec} decodes ({len(failures)} tried)")
     return write_part(part, keys, feats, failures, {"set": spec, "token": token})
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,24 +34,16 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("random", "closest")
 
 
-@dataclass
-class BalanceConfig:
-    target_size: int = 0  # images to select (with repeats); must be set (>= 1)
-    strategy: str = "random"  # random | closest: which images of a level-1 cluster to take
-    max_repeat: int = 1  # how often one image may be selected (1: no repeats)
-    seed: int = 0
-
-
 def check_balance_config(cfg) -> None:
     """Raise ValueError naming the first balance setting outside its range."""
     if cfg.target_size < 1:
-        raise ValueError(f"balance.target_size must be >= 1, got {cfg.target_size}")
+        raise ValueError(f"curate.target_size must be >= 1, got {cfg.target_size}")
     if cfg.strategy not in STRATEGIES:
-        raise ValueError(f"balance.strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
+        raise ValueError(f"curate.strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
     if cfg.max_repeat < 1:
-        raise ValueError(f"balance.max_repeat must be >= 1, got {cfg.max_repeat}")
+        raise ValueError(f"curate.max_repeat must be >= 1, got {cfg.max_repeat}")
     if cfg.seed < 0:
-        raise ValueError(f"balance.seed must be >= 0, got {cfg.seed}")
+        raise ValueError(f"curate.seed must be >= 0, got {cfg.seed}")
 
 
 def split_quota(
@@ -138,7 +129,7 @@ def balanced_sample(
     pick (indices or bool mask). Deterministic for a ``cfg.seed``."""
     check_balance_config(cfg)
     if target < 1:
-        raise ValueError(f"balance.target_size (target) must be >= 1, got {target}")
+        raise ValueError(f"curate.target_size (target) must be >= 1, got {target}")
     n = check_levels(levels)
     available = available_mask(n, exclude)
     caps = capacities(levels, available, int(cfg.max_repeat))

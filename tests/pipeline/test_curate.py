@@ -1,7 +1,9 @@
 """configs/pipeline/curate.yaml end to end through the CLI on the shared Ray cluster: crawl,
-exact/pHash dedup, embed (Ray actors, the fixture ViT), semantic dedup and decontamination;
-verdicts checked against a brute-force reference on the stored embeddings; resume, settings
-changes and SIGKILL during the embed stage."""
+exact/pHash dedup, embed (Ray actors, the fixture ViT), semantic dedup and decontamination,
+hierarchical k-means, retrieval around seed images + balanced sampling, curated shards;
+verdicts checked against a brute-force reference on the stored embeddings; curated shards
+against their manifest and read by the training loader; resume, settings changes and SIGKILL
+during the embed stage."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/pipeline/curate.yaml")
 FIXTURE = REPO / "tests/fixtures/vit_test_embedder.safetensors"
 THRESHOLD = 0.95
+TARGET = 14
+STAGES = ["crawl", "dedup", "embed", "semdedup", "cluster", "curate", "write"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,10 @@ def _args(urls: Path, out: Path, *extra: str) -> list[str]:
     return ["run", CONFIG, f"input.urls={urls}", f"output_dir={out}", "crawl.shard_size=16",
             "crawl.allow_private_networks=true", "crawl.threads_per_task=8",
             f"embed.checkpoint={FIXTURE}", "embed.image_size=56", "embed.batch_size=8",
-            f"semdedup.threshold={THRESHOLD}", "semdedup.query_chunk=16", *extra]  # fmt: skip
+            f"semdedup.threshold={THRESHOLD}", "semdedup.query_chunk=16",
+            "cluster.levels=[6,2]", "cluster.resampling_steps=[1,2]", "cluster.sample_sizes=[0,0]",
+            "curate.retrieval=sample", "curate.per_seed=2", f"curate.target_size={TARGET}",
+            "curate.shard_size=5", *extra]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +71,17 @@ def eval_dir(curation_web, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def curated_run(curation_web, curation_server, eval_dir, ray_address, tmp_path_factory):
+def seeds_dir(tmp_path_factory):
+    """Four seed images "of the domain I want more of": other crops of the same photographs."""
+    out = tmp_path_factory.mktemp("seeds")
+    web = build_web(4, seed=77)
+    for i, path in enumerate(sorted(web.images)):
+        (out / f"seed{i}.jpg").write_bytes(web.images[path])
+    return out
+
+
+@pytest.fixture(scope="module")
+def curated_run(curation_web, curation_server, eval_dir, seeds_dir, ray_address, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("curate")
     from pipeline.simweb import SimWeb  # noqa: F401  (the web's paths name the URLs)
 
@@ -74,7 +91,8 @@ def curated_run(curation_web, curation_server, eval_dir, ray_address, tmp_path_f
 
     pq.write_table(pa.table({"url": [curation_server.url(p) for p in paths], "path": paths}), urls)
     out = tmp / "run"
-    result = _cli(*_args(urls, out, f"decontaminate.sets=[{eval_dir}]"), address=ray_address)
+    result = _cli(*_args(urls, out, f"decontaminate.sets=[{eval_dir}]",
+                         f"curate.seeds={seeds_dir}"), address=ray_address)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     return urls, out, json.loads(result.stdout)
 
@@ -119,7 +137,7 @@ def _reference_verdicts(feats, keys, areas, threshold, eval_feats, eval_threshol
 def test_curate_end_to_end(curated_run, curation_web, eval_dir):
     urls, out, summary = curated_run
     layout = RunLayout(out)
-    assert summary["stages"] == ["crawl", "dedup", "embed", "semdedup"] and summary["ok"]
+    assert summary["stages"] == STAGES and summary["ok"]
     for stage in summary["stages"]:
         assert json.loads(layout.stage_file(stage).read_text())["state"] == "done"
     crawl = pq.read_table([s.parquet for s in layout.crawl_done()]).to_pylist()
@@ -154,18 +172,76 @@ def test_curate_end_to_end(curated_run, curation_web, eval_dir):
     assert report["semdedup"]["eval_contaminated"] == reasons.count("eval")
 
 
-def test_rerun_skips_and_changed_settings_are_refused(curated_run, eval_dir, ray_address):
+def test_curated_shards(curated_run, seeds_dir, tmp_path):
+    """Retrieval (exact against brute force), balanced sampling to the exact target, curated
+    shards that validate against the manifest, read by the training job."""
+    urls, out, summary = curated_run
+    layout = RunLayout(out)
+    semantic = pq.read_table(layout.semantic_parquet).to_pylist()
+    kept = {r["key"] for r in semantic if r["reason"] is None}
+    feats, keys = _embeddings(layout)
+    pool = [i for i, k in enumerate(keys) if k in kept]
+    seeds = np.load(layout.embed_done(seeds=True)[0].npy).astype(np.float32)
+    expected = set()
+    for s in seeds:  # brute force: the 2 nearest kept pool images of every seed
+        sims = feats[pool] @ s
+        expected |= {keys[pool[i]] for i in np.argsort(-sims, kind="stable")[:2]}
+    selection = pq.read_table(layout.selection).to_pylist()
+    retrieved = {r["key"] for r in selection if r["selected_by"] == "retrieval"}
+    assert retrieved == expected
+    curate = summary["curate"]
+    assert curate["retrieval"]["retrieved"] == len(expected)
+    assert curate["retrieval"]["collisions"] == 2 * len(seeds) - len(expected)
+    assert sum(r["multiplicity"] for r in selection) == TARGET
+    assert {r["key"] for r in selection} <= kept  # nothing dropped by dedup is curated
+    assert len({r["key"] for r in selection}) == len(selection)
+
+    manifest = pq.read_table(layout.curated_manifest).to_pylist()
+    assert len(manifest) == TARGET and summary["write"]["shards"] == 3  # 5 + 5 + 4
+    assert {"cluster_l1", "cluster_l2", "distance", "selected_by", "query_key", "query_distance",
+            "multiplicity", "shard", "url", "sha256", "jpg_sha256"} <= set(manifest[0])  # fmt: skip
+    for row in manifest:
+        if row["selected_by"] == "retrieval":
+            assert row["query_key"] is not None and 0 <= row["query_distance"] <= 2
+    check = _cli("manifest", "validate", str(out), "--json")
+    report = json.loads(check.stdout)
+    assert check.returncode == 0 and report["ok"] and report["curated_samples"] == TARGET
+    clusters = json.loads(_cli("manifest", "clusters", str(out), "--json").stdout)["levels"]
+    assert clusters["cluster_l1"]["curated"]["clusters"] >= 1
+    curated = json.loads(layout.curated_summary.read_text())
+    assert curated["curated_samples"] == TARGET and len(curated["shards"]) == 3
+
+    from pretrain.data.loader import resolve_shards
+
+    assert resolve_shards(str(out)) == [str(out / s) for s in curated["shards"]]
+    train = tmp_path / "train"
+    run = subprocess.run(
+        [sys.executable, "-m", "pretrain.train", "--config",
+         str(REPO / "configs/pretrain/vit_test_cpu.yaml"), f"data.shards={out}",
+         f"output_dir={train}", "train.steps=2", "train.log_every=1"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len((train / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_rerun_skips_and_changed_settings_are_refused(curated_run, eval_dir, seeds_dir,
+                                                      ray_address):  # fmt: skip
     urls, out, _ = curated_run
     layout = RunLayout(out)
     before = {p.name: p.read_bytes() for p in sorted(layout.embed_dir.glob("*.npy"))}
-    again = _cli(*_args(urls, out, f"decontaminate.sets=[{eval_dir}]"), address=ray_address)
+    again = _cli(*_args(urls, out, f"decontaminate.sets=[{eval_dir}]",
+                        f"curate.seeds={seeds_dir}"), address=ray_address)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout)
     assert summary["crawl"]["crawled_shards"] == 0 and summary["dedup"]["skipped"]
     assert summary["embed"]["embedded_shards"] == 0 and summary["semdedup"]["skipped"]
+    assert all(summary[s]["skipped"] for s in ("cluster", "curate", "write"))
     assert {p.name: p.read_bytes() for p in sorted(layout.embed_dir.glob("*.npy"))} == before
 
-    changed = _cli(*_args(urls, out, "semdedup.threshold=0.5"), address=ray_address)
+    changed = _cli(*_args(urls, out, "semdedup.threshold=0.5", "stages=[semdedup]"),
+                   address=ray_address)  # fmt: skip
     assert changed.returncode == 2
     assert "semdedup.threshold=0.95" in changed.stderr and "redo=[semdedup]" in changed.stderr
     # Redo with an IVF index (every list probed: exact), query chunks on Ray tasks.

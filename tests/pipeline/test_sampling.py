@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from pipeline.config import CurateConfig
 from pipeline.stages import cluster as cl
 from pipeline.stages import sampling as sp
 
@@ -21,8 +22,8 @@ def blobs(sizes=(2000, 500, 50, 30, 20, 10, 10), dim=32, spread=0.5, seed=0) -> 
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def config(**overrides) -> sp.BalanceConfig:
-    return dataclasses.replace(sp.BalanceConfig(target_size=100, seed=0), **overrides)
+def config(**overrides) -> CurateConfig:
+    return dataclasses.replace(CurateConfig(target_size=100, seed=0), **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -198,10 +199,10 @@ def test_split_quota_matches_brute_force():
     [
         (dict(), 0, "target"),
         (dict(), -3, "target"),
-        (dict(target_size=0), 10, "balance.target_size"),
-        (dict(strategy="nearest"), 10, "balance.strategy"),
-        (dict(max_repeat=0), 10, "balance.max_repeat"),
-        (dict(seed=-1), 10, "balance.seed"),
+        (dict(target_size=0), 10, "curate.target_size"),
+        (dict(strategy="nearest"), 10, "curate.strategy"),
+        (dict(max_repeat=0), 10, "curate.max_repeat"),
+        (dict(seed=-1), 10, "curate.seed"),
     ],
 )
 def test_bad_config_names_the_key(levels, overrides, target, key):
