@@ -70,8 +70,33 @@ def prepare_run(config: str, overrides: list[str]) -> tuple[PipelineConfig, int]
         raise ConfigError(str(exc)) from None
     if "embed" in stages or (set(stages) & {"semdedup", "curate"} and _needs_model(cfg)):
         _check_checkpoint(cfg.embed.checkpoint)
+    _check_image_sets(cfg, stages)
     total = check_input(cfg.input) if "crawl" in stages else 0
     return cfg, total
+
+
+def _check_image_sets(cfg: PipelineConfig, stages: list[str]) -> None:
+    """Seed and evaluation sets must hold images before a cluster spins up for them."""
+    from pipeline.stages.embed import EmbedInputError, eval_set_files
+
+    sets = [(s, "decontaminate.sets") for s in cfg.decontaminate.sets if "semdedup" in stages]
+    if "curate" in stages and cfg.curate.seeds:
+        from pipeline.sources import URL_FORMATS
+
+        if Path(cfg.curate.seeds).suffix.lower() in URL_FORMATS:  # a URL list: crawled first
+            from pipeline.config import InputConfig
+
+            try:
+                check_input(InputConfig(kind="urls", urls=cfg.curate.seeds))
+            except InputError as exc:
+                raise ConfigError(f"curate.seeds: {exc}") from None
+        else:
+            sets.append((cfg.curate.seeds, "curate.seeds"))
+    for spec, key in sets:
+        try:
+            eval_set_files(spec, key)
+        except EmbedInputError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _needs_model(cfg: PipelineConfig) -> bool:
@@ -123,4 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args) if args.command == "run" else _manifest(args)
     except (ConfigError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad data met by a stage (empty pool, seeds of another model...)
+        log.debug("stage error", exc_info=True)
+        print(f"error: {str(exc).splitlines()[-1] if exc.args else exc!r}", file=sys.stderr)
         return 2

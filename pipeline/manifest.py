@@ -36,7 +36,17 @@ def shards(run_dir: Path) -> dict:
             "failures": stats["failures"], "bytes_downloaded": stats["bytes_downloaded"],
             "tar_bytes": tar.stat().st_size if tar.exists() else 0, "duration_s": stats["duration_s"],
         })  # fmt: skip
-    return {"shards": rows}
+    report = {"shards": rows}
+    curated_dir = RunLayout(run_dir).curated_shards_dir
+    if curated_dir.is_dir():
+        from pipeline.stages.write import read_done
+
+        report["curated_shards"] = [
+            {"shard": tar.name, "count": (read_done(tar) or {}).get("count"),
+             "tar_bytes": tar.stat().st_size, "done": read_done(tar) is not None}
+            for tar in sorted(curated_dir.glob("*.tar"))
+        ]  # fmt: skip
+    return report
 
 
 def summary(run_dir: Path) -> dict:
@@ -236,6 +246,9 @@ def render(action: str, report: dict) -> str:
                 f"{r['shard']:>5} {r['count']:>7} {r['successes']:>7} {r['failures']:>7} "
                 f"{r['tar_bytes'] / 1e6:>8.1f} {r['duration_s']:>7.1f}"
             )
+        for r in report.get("curated_shards", []):
+            lines.append(f"curated/{r['shard']} {r['count']} samples "
+                         f"{r['tar_bytes'] / 1e6:.1f} MB{'' if r['done'] else ' (unfinished)'}")  # fmt: skip
         return "\n".join(lines)
     if action == "failures":
         lines = []

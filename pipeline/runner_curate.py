@@ -217,6 +217,42 @@ def _retrieve(ccfg, parts, levels, seed_parts, selected_by, query_key, query_sim
     return {"kind": kind, "seeds": len(seeds), "retrieved": int(len(rows)), **info}
 
 
+def is_url_list(spec: str) -> bool:
+    from pipeline.sources import URL_FORMATS
+
+    return Path(spec).is_file() and Path(spec).suffix.lower() in URL_FORMATS
+
+
+@ray.remote
+def _crawl_seeds_task(table, crawl_dir: str, crawl) -> dict:
+    from pipeline.stages.crawl import crawl_shard
+
+    return crawl_shard(table, 0, Path(crawl_dir), crawl, "urls")
+
+
+def _crawl_seed_urls(cfg: PipelineConfig, layout: RunLayout, urls: str) -> str:
+    """A URL list of seed images is crawled like the pool (same checks and resize) into
+    RUN/seeds/crawl/ once; the seed set is then its tar."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from pipeline.config import InputConfig
+    from pipeline.sources import iter_shards
+
+    crawl_dir = layout.root / "seeds" / "crawl"
+    shard = layout.crawl_shard(0)
+    tar = crawl_dir / shard.tar.name
+    if not (crawl_dir / shard.stats.name).exists():
+        crawl_dir.mkdir(parents=True, exist_ok=True)
+        clear_temporaries(crawl_dir)
+        tables = [t for _, t in iter_shards(InputConfig(kind="urls", urls=urls), 1 << 30)]
+        crawl = dataclasses.replace(to_object(cfg.crawl), shard_size=1 << 30)
+        stats = ray.get(_crawl_seeds_task.remote(pa.concat_tables(tables), str(crawl_dir), crawl))
+        log.info("curate: crawled %d seed URLs, %d images", stats["count"], stats["successes"])
+    return str(tar)
+
+
 def _embed_seeds(cfg: PipelineConfig, layout: RunLayout) -> list:
     """Embed the seed set once (RUN/embed/seeds/set00) with the pool's model."""
     import os
@@ -231,6 +267,8 @@ def _embed_seeds(cfg: PipelineConfig, layout: RunLayout) -> list:
     layout.seed_embed_dir.mkdir(parents=True, exist_ok=True)
     clear_temporaries(layout.seed_embed_dir)
     spec = cfg.curate.seeds
+    if is_url_list(spec):
+        spec = _crawl_seed_urls(cfg, layout, spec)
     listing = [(p, os.path.getsize(p)) for p, _ in eval_set_files(spec, "curate.seeds")]
     tok = token(plan.stage_settings(cfg, "embed"), spec, listing)
     part = layout.embed_part("set00", seeds=True)

@@ -49,6 +49,8 @@ def check_curate_config(cfg) -> None:
     """Raise ValueError naming the first curate setting outside its range."""
     if cfg.mode not in MODES:
         raise ValueError(f"curate.mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.strategy not in ("random", "closest"):
+        raise ValueError(f"curate.strategy must be random or closest, got {cfg.strategy!r}")
     if cfg.retrieval not in RETRIEVALS:
         raise ValueError(f"curate.retrieval must be one of {RETRIEVALS}, got {cfg.retrieval!r}")
     for name in ("per_seed", "per_cluster", "max_per_seed_set", "shard_size", "max_repeat"):

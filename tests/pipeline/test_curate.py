@@ -72,12 +72,13 @@ def eval_dir(curation_web, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def seeds_dir(tmp_path_factory):
-    """Four seed images "of the domain I want more of": other crops of the same photographs."""
+    """Four seed images "of the domain I want more of" (other crops of the same photographs),
+    given as a URL list: the curate stage crawls them like the pool, then embeds them."""
     out = tmp_path_factory.mktemp("seeds")
     web = build_web(4, seed=77)
-    for i, path in enumerate(sorted(web.images)):
-        (out / f"seed{i}.jpg").write_bytes(web.images[path])
-    return out
+    with ImageServer(web) as server:
+        (out / "seeds.txt").write_text("".join(server.url(p) + "\n" for p in sorted(web.images)))
+        yield out / "seeds.txt"
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +187,14 @@ def test_curated_shards(curated_run, seeds_dir, tmp_path):
     for s in seeds:  # brute force: the 2 nearest kept pool images of every seed
         sims = feats[pool] @ s
         expected |= {keys[pool[i]] for i in np.argsort(-sims, kind="stable")[:2]}
+    # Level 1 assigned in Ray tasks: each kept image's nearest centroid; level 2 composes.
+    assignments = pq.read_table(layout.assignments).to_pydict()
+    assert sorted(assignments["key"]) == sorted(kept)
+    centroids = np.load(layout.level_dir(1) / "centroids.npy")
+    mine = feats[[keys.index(k) for k in assignments["key"]]]
+    np.testing.assert_array_equal(assignments["cluster_l1"], np.argmax(mine @ centroids.T, axis=1))
+    level2 = np.load(layout.level_dir(2) / "assignment.npy")
+    np.testing.assert_array_equal(assignments["cluster_l2"], level2[assignments["cluster_l1"]])
     selection = pq.read_table(layout.selection).to_pylist()
     retrieved = {r["key"] for r in selection if r["selected_by"] == "retrieval"}
     assert retrieved == expected
@@ -206,6 +215,8 @@ def test_curated_shards(curated_run, seeds_dir, tmp_path):
     check = _cli("manifest", "validate", str(out), "--json")
     report = json.loads(check.stdout)
     assert check.returncode == 0 and report["ok"] and report["curated_samples"] == TARGET
+    listed = json.loads(_cli("manifest", "shards", str(out), "--json").stdout)["curated_shards"]
+    assert [r["count"] for r in listed] == [5, 5, 4] and all(r["done"] for r in listed)
     clusters = json.loads(_cli("manifest", "clusters", str(out), "--json").stdout)["levels"]
     assert clusters["cluster_l1"]["curated"]["clusters"] >= 1
     curated = json.loads(layout.curated_summary.read_text())
@@ -288,3 +299,33 @@ def test_sigkill_during_embed_then_rerun(curated_run, ray_address, tmp_path, wai
         np.testing.assert_array_equal(np.load(mine.npy), np.load(theirs.npy))
         assert pq.read_table(mine.keys).equals(pq.read_table(theirs.keys))
     assert not list(layout.embed_dir.glob(".*.tmp"))
+
+
+def test_bad_curation_input_is_refused_before_ray(tmp_path, eval_dir):
+    """Empty seed folder, missing eval set, bad thresholds and cluster levels: exit 2, the key
+    named, before any work."""
+    from pipeline.cli import prepare_run
+    from pretrain.configtools import ConfigError
+
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://127.0.0.1:9/a.jpg\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = [f"input.urls={urls}", f"output_dir={tmp_path / 'run'}", f"embed.checkpoint={FIXTURE}",
+            "curate.target_size=5"]  # fmt: skip
+    cases = {
+        "curate.seeds": [f"curate.seeds={empty}"],
+        "decontaminate.sets": [f"decontaminate.sets=[{tmp_path / 'nope'}]"],
+        "semdedup.threshold": ["semdedup.threshold=1.5"],
+        "decontaminate.threshold": ["decontaminate.threshold=0"],
+        "cluster.levels": ["cluster.levels=[10,20]"],
+        "curate.strategy": ["curate.strategy=nearest"],
+        "curate.target_size": ["curate.mode=balanced", "curate.target_size=0"],
+        "curate.seeds: input.urls file": [f"curate.seeds={tmp_path / 'missing.txt'}"],
+        "embed.checkpoint": [f"embed.checkpoint={tmp_path / 'missing.pth'}"],
+    }
+    for key, extra in cases.items():
+        with pytest.raises(ConfigError, match=key.split(":")[0].replace(".", r"\.")):
+            prepare_run(CONFIG, [*base, *extra])
+    result = _cli("run", CONFIG, *base, f"curate.seeds={empty}")
+    assert result.returncode == 2 and "curate.seeds" in result.stderr and "Ray" not in result.stderr
