@@ -126,6 +126,7 @@ class CurateConfig:
     target_size: int = 0  # balanced sampling fills the selection up to this; 0: retrieval only
     strategy: str = "random"  # random | closest: which images of a level-1 cluster to take
     max_repeat: int = 1  # how often balanced sampling may pick one image
+    include_seeds: bool = False  # the seed images themselves join the curated set (on top)
     shard_size: int = 1000  # samples per curated shard
     seed: int = 0
 

@@ -170,7 +170,15 @@ def validate(run_dir: Path) -> dict:
         from pipeline.stages.write import validate_curated
 
         rows = pq.read_table(layout.curated_manifest).to_pylist()
-        curated = [f"curated: {p}" for p in validate_curated(layout.curated_shards_dir, rows)]
+        columns = [c for c in (rows[0] if rows else {}) if c.startswith("cluster_l")] + [
+            "distance",
+            "selected_by",
+            "query_key",
+            "query_distance",
+            "multiplicity",
+        ]
+        problems_curated = validate_curated(layout.curated_shards_dir, rows, columns)
+        curated = [f"curated: {p}" for p in problems_curated]
         report.update(curated_shards_checked=len(list(layout.curated_shards_dir.glob("*.tar"))),
                       curated_samples=len(rows), ok=not (problems or curated),
                       problems=problems + curated)  # fmt: skip

@@ -167,21 +167,54 @@ def run_curate(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
             selected_by[idx], multiplicity[idx] = "balanced", mult
             info["balanced"] = {k: v for k, v in binfo.items() if np.isscalar(v)}
     chosen = np.nonzero(multiplicity > 0)[0]
-    table = pa.table({
-        "key": pa.array([keys[i] for i in chosen], pa.string()),
-        "selected_by": pa.array(selected_by[chosen].tolist(), pa.string()),
-        "query_key": pa.array(query_key[chosen].tolist(), pa.string()),
-        "query_distance": pa.array([None if np.isnan(v) else float(1 - v)
-                                    for v in query_sim[chosen]], pa.float32()),
-        "multiplicity": pa.array(multiplicity[chosen], pa.int32()),
-    })  # fmt: skip
+    columns = {
+        "key": [keys[i] for i in chosen],
+        "selected_by": selected_by[chosen].tolist(),
+        "query_key": query_key[chosen].tolist(),
+        "query_distance": [None if np.isnan(v) else float(1 - v) for v in query_sim[chosen]],
+        "multiplicity": multiplicity[chosen].tolist(),
+    }
+    for t in range(1, len(levels) + 1):
+        columns[f"cluster_l{t}"] = cl.labels_at(levels, t)[chosen].tolist()
+    columns["distance"] = levels[0].distances[chosen].tolist()
+    if ccfg.include_seeds:
+        info["seeds_included"] = _add_seeds(layout, levels, seed_parts, columns)
     layout.curated_dir.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(table, layout.selection)
-    info.update(selected=int(len(chosen)), samples=int(multiplicity.sum()),
+    write_parquet_atomic(_selection_table(columns, len(levels)), layout.selection)
+    info.update(selected=int(len(columns["key"])), samples=int(sum(columns["multiplicity"])),
                 by_mode={m: int(multiplicity[selected_by == m].sum())
                          for m in ("retrieval", "cluster_retrieval", "balanced")})  # fmt: skip
     log.info("curate: %s", info)
     return {**info, "input_token": input_token}
+
+
+def _selection_table(columns: dict, n_levels: int) -> pa.Table:
+    types = {"key": pa.string(), "selected_by": pa.string(), "query_key": pa.string(),
+             "query_distance": pa.float32(), "multiplicity": pa.int32(), "distance": pa.float32(),
+             **{f"cluster_l{t}": pa.int64() for t in range(1, n_levels + 1)}}  # fmt: skip
+    return pa.table({name: pa.array(values, types[name]) for name, values in columns.items()})
+
+
+def _add_seeds(layout: RunLayout, levels: list, seed_parts: list, columns: dict) -> int:
+    """curate.include_seeds: every seed image that crawled fine joins the selection as it is
+    (selected_by = seed), with its clusters by nearest centroid."""
+    from pipeline.stages.embed import read_part
+
+    feats, keys = read_part(seed_parts[0], mmap=False)
+    labels, distances = cl.assign(levels[0].centroids, np.asarray(feats, np.float32))
+    composed = [labels]
+    for level in levels[1:]:
+        composed.append(level.assignment[composed[-1]])
+    for i, key in enumerate(k.rsplit(":", 1)[-1] for k in keys):
+        columns["key"].append(key)
+        columns["selected_by"].append("seed")
+        columns["query_key"].append(None)
+        columns["query_distance"].append(None)
+        columns["multiplicity"].append(1)
+        for t, lab in enumerate(composed, start=1):
+            columns[f"cluster_l{t}"].append(int(lab[i]))
+        columns["distance"].append(float(distances[i]))
+    return len(keys)
 
 
 def _retrieve(ccfg, parts, levels, seed_parts, selected_by, query_key, query_sim, mult) -> dict:
@@ -193,7 +226,7 @@ def _retrieve(ccfg, parts, levels, seed_parts, selected_by, query_key, query_sim
     for part in seed_parts:
         feats, k = read_part(part)
         seeds.append(np.asarray(feats, np.float32))
-        seed_keys += k
+        seed_keys += [key.rsplit(":", 1)[-1] for key in k]  # "tar:key" -> the seed's key
     seeds = np.concatenate(seeds)
     if seeds.shape[1] != parts[0].shape[1]:
         raise ValueError(f"curate.seeds embedded with dimension {seeds.shape[1]}, the pool "
@@ -217,22 +250,34 @@ def _retrieve(ccfg, parts, levels, seed_parts, selected_by, query_key, query_sim
     return {"kind": kind, "seeds": len(seeds), "retrieved": int(len(rows)), **info}
 
 
-def is_url_list(spec: str) -> bool:
+def seed_source_kind(spec: str) -> str:
+    """urls (a URL list file), folder, or tars (a glob)."""
     from pipeline.sources import URL_FORMATS
 
-    return Path(spec).is_file() and Path(spec).suffix.lower() in URL_FORMATS
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() in URL_FORMATS:
+        return "urls"
+    return "folder" if path.is_dir() else "tars"
 
 
 @ray.remote
-def _crawl_seeds_task(table, crawl_dir: str, crawl) -> dict:
+def _crawl_seeds_task(table, crawl_dir: str, crawl, kind: str) -> dict:
     from pipeline.stages.crawl import crawl_shard
 
-    return crawl_shard(table, 0, Path(crawl_dir), crawl, "urls")
+    return crawl_shard(table, 0, Path(crawl_dir), crawl, kind)
 
 
-def _crawl_seed_urls(cfg: PipelineConfig, layout: RunLayout, urls: str) -> str:
-    """A URL list of seed images is crawled like the pool (same checks and resize) into
-    RUN/seeds/crawl/ once; the seed set is then its tar."""
+def seed_shard(layout: RunLayout):
+    """The seed set in crawl format: RUN/seeds/crawl/00000.{tar,parquet,stats.json}."""
+    from pipeline.layout import crawl_shard_files
+
+    return crawl_shard_files(layout.root / "seeds" / "crawl", 0)
+
+
+def _crawl_seeds(cfg: PipelineConfig, layout: RunLayout) -> None:
+    """Seed images (a folder, tars or a URL list) go through the crawl's own checks, resize and
+    re-encoding once, so that they are embedded (and written, with curate.include_seeds) like
+    the pool. Their keys are crawl keys of 15 characters, apart from the pool's."""
     import dataclasses
 
     import pyarrow as pa
@@ -240,43 +285,40 @@ def _crawl_seed_urls(cfg: PipelineConfig, layout: RunLayout, urls: str) -> str:
     from pipeline.config import InputConfig
     from pipeline.sources import iter_shards
 
-    crawl_dir = layout.root / "seeds" / "crawl"
-    shard = layout.crawl_shard(0)
-    tar = crawl_dir / shard.tar.name
-    if not (crawl_dir / shard.stats.name).exists():
-        crawl_dir.mkdir(parents=True, exist_ok=True)
-        clear_temporaries(crawl_dir)
-        tables = [t for _, t in iter_shards(InputConfig(kind="urls", urls=urls), 1 << 30)]
-        crawl = dataclasses.replace(to_object(cfg.crawl), shard_size=1 << 30)
-        stats = ray.get(_crawl_seeds_task.remote(pa.concat_tables(tables), str(crawl_dir), crawl))
-        log.info("curate: crawled %d seed URLs, %d images", stats["count"], stats["successes"])
-    return str(tar)
+    shard = seed_shard(layout)
+    if shard.stats.exists():
+        return
+    shard.tar.parent.mkdir(parents=True, exist_ok=True)
+    clear_temporaries(shard.tar.parent)
+    spec, kind = cfg.curate.seeds, seed_source_kind(cfg.curate.seeds)
+    source = InputConfig(kind=kind, **{kind: spec})
+    tables = [t for _, t in iter_shards(source, 1 << 30)]
+    crawl = dataclasses.replace(to_object(cfg.crawl), shard_size=1 << 30)
+    stats = ray.get(
+        _crawl_seeds_task.remote(pa.concat_tables(tables), str(shard.tar.parent), crawl, kind)
+    )
+    log.info("curate: %d seed images of %d ready (%s)", stats["successes"], stats["count"], spec)
 
 
 def _embed_seeds(cfg: PipelineConfig, layout: RunLayout) -> list:
     """Embed the seed set once (RUN/embed/seeds/set00) with the pool's model."""
-    import os
-
     from ray.util import ActorPool
 
     from pipeline.runner import embed_actors
-    from pipeline.stages.embed import eval_set_files
 
     if not cfg.curate.seeds:
         return []
     layout.seed_embed_dir.mkdir(parents=True, exist_ok=True)
     clear_temporaries(layout.seed_embed_dir)
-    spec = cfg.curate.seeds
-    if is_url_list(spec):
-        spec = _crawl_seed_urls(cfg, layout, spec)
-    listing = [(p, os.path.getsize(p)) for p, _ in eval_set_files(spec, "curate.seeds")]
-    tok = token(plan.stage_settings(cfg, "embed"), spec, listing)
+    _crawl_seeds(cfg, layout)
+    shard = seed_shard(layout)
+    tok = token(plan.stage_settings(cfg, "embed"), cfg.curate.seeds, shard.stats.read_text())
     part = layout.embed_part("set00", seeds=True)
     if not (part.done.exists() and read_stats(part.done).get("token") == tok):
         pool = ActorPool(embed_actors(cfg))
-        job = [(spec, part, tok, "curate.seeds")]
+        job = [(str(shard.tar), part, tok, "curate.seeds")]
         for marker in pool.map_unordered(lambda a, j: a.embed_eval_set.remote(*j), job):
-            log.info("curate: embedded %d seed images of %s", marker["count"], spec)
+            log.info("curate: embedded %d seed images", marker["count"])
     return [part]
 
 
@@ -306,7 +348,9 @@ def run_write(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous)
     out_dir = layout.curated_shards_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     wr.clear_partial(out_dir)
-    sources = {k: str(layout.crawl_shard(shard_of_key(k)).tar) for k in keys}
+    seeds = {r["key"] for r in selection.to_pylist() if r["selected_by"] == "seed"}
+    sources = {k: str(seed_shard(layout).tar if k in seeds else layout.crawl_shard(shard_of_key(k)).tar)
+               for k in keys}  # fmt: skip
     tar_index = {t: wr.tar_member_index(Path(t)) for t in sorted(set(sources.values()))}
     refs, skipped = {}, 0
     for i, entries in enumerate(shards):
@@ -342,12 +386,9 @@ def run_write(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous)
 
 def _curation_fields(layout: RunLayout, selection: pa.Table) -> dict[str, dict]:
     """Per selected key: its clusters, distance and how it was selected (JSON-ready)."""
-    assignments = pq.read_table(layout.assignments)
-    by_key = {r["key"]: r for r in assignments.to_pylist()}
     out = {}
     for row in selection.to_pylist():
-        f = dict(by_key[row["key"]])
-        f.update(row)
+        f = dict(row)
         f["source_key"] = f.pop("key")
         out[row["key"]] = f
     return out
@@ -359,7 +400,8 @@ def _manifest_table(layout: RunLayout, shards: list, fields: dict[str, dict]) ->
 
     wanted = {src for entries in shards for _, src in entries}
     crawl_rows = {}
-    for shard in layout.crawl_done():
+    seeds = seed_shard(layout)
+    for shard in layout.crawl_done() + ([seeds] if seeds.stats.exists() else []):
         table = pq.read_table(shard.parquet)
         table = table.filter(pc.is_in(table["key"], pa.array(sorted(wanted), pa.string())))
         crawl_rows.update({r["key"]: r for r in table.to_pylist()})

@@ -86,6 +86,7 @@ STAGES: tuple[Stage, ...] = (
             "curate.target_size",
             "curate.strategy",
             "curate.max_repeat",
+            "curate.include_seeds",
             "curate.seed",
         ),
     ),

@@ -49,6 +49,8 @@ def check_curate_config(cfg) -> None:
     """Raise ValueError naming the first curate setting outside its range."""
     if cfg.mode not in MODES:
         raise ValueError(f"curate.mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.include_seeds and not cfg.seeds:
+        raise ValueError("curate.include_seeds needs curate.seeds")
     if cfg.strategy not in ("random", "closest"):
         raise ValueError(f"curate.strategy must be random or closest, got {cfg.strategy!r}")
     if cfg.retrieval not in RETRIEVALS:

@@ -54,7 +54,7 @@ def _args(urls: Path, out: Path, *extra: str) -> list[str]:
             f"semdedup.threshold={THRESHOLD}", "semdedup.query_chunk=16",
             "cluster.levels=[6,2]", "cluster.resampling_steps=[1,2]", "cluster.sample_sizes=[0,0]",
             "curate.retrieval=sample", "curate.per_seed=2", f"curate.target_size={TARGET}",
-            "curate.shard_size=5", *extra]  # fmt: skip
+            "curate.shard_size=5", "curate.include_seeds=true", *extra]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -201,12 +201,17 @@ def test_curated_shards(curated_run, seeds_dir, tmp_path):
     curate = summary["curate"]
     assert curate["retrieval"]["retrieved"] == len(expected)
     assert curate["retrieval"]["collisions"] == 2 * len(seeds) - len(expected)
-    assert sum(r["multiplicity"] for r in selection) == TARGET
-    assert {r["key"] for r in selection} <= kept  # nothing dropped by dedup is curated
+    from_pool = [r for r in selection if r["selected_by"] != "seed"]
+    assert sum(r["multiplicity"] for r in from_pool) == TARGET
+    assert {r["key"] for r in from_pool} <= kept  # nothing dropped by dedup is curated
     assert len({r["key"] for r in selection}) == len(selection)
+    # curate.include_seeds: the 4 seed images, crawled like the pool, join on top of the target
+    seed_rows = [r for r in selection if r["selected_by"] == "seed"]
+    assert len(seed_rows) == len(seeds) == 4 and curate["seeds_included"] == 4
 
     manifest = pq.read_table(layout.curated_manifest).to_pylist()
-    assert len(manifest) == TARGET and summary["write"]["shards"] == 3  # 5 + 5 + 4
+    assert len(manifest) == TARGET + 4 and summary["write"]["shards"] == 4  # 5 + 5 + 5 + 3
+    assert sum(r["selected_by"] == "seed" for r in manifest) == 4
     assert {"cluster_l1", "cluster_l2", "distance", "selected_by", "query_key", "query_distance",
             "multiplicity", "shard", "url", "sha256", "jpg_sha256"} <= set(manifest[0])  # fmt: skip
     for row in manifest:
@@ -214,13 +219,13 @@ def test_curated_shards(curated_run, seeds_dir, tmp_path):
             assert row["query_key"] is not None and 0 <= row["query_distance"] <= 2
     check = _cli("manifest", "validate", str(out), "--json")
     report = json.loads(check.stdout)
-    assert check.returncode == 0 and report["ok"] and report["curated_samples"] == TARGET
+    assert check.returncode == 0 and report["ok"] and report["curated_samples"] == TARGET + 4
     listed = json.loads(_cli("manifest", "shards", str(out), "--json").stdout)["curated_shards"]
-    assert [r["count"] for r in listed] == [5, 5, 4] and all(r["done"] for r in listed)
+    assert [r["count"] for r in listed] == [5, 5, 5, 3] and all(r["done"] for r in listed)
     clusters = json.loads(_cli("manifest", "clusters", str(out), "--json").stdout)["levels"]
     assert clusters["cluster_l1"]["curated"]["clusters"] >= 1
     curated = json.loads(layout.curated_summary.read_text())
-    assert curated["curated_samples"] == TARGET and len(curated["shards"]) == 3
+    assert curated["curated_samples"] == TARGET + 4 and len(curated["shards"]) == 4
 
     from pretrain.data.loader import resolve_shards
 
