@@ -123,6 +123,7 @@ class CurateConfig:
     per_cluster: int = 10000  # cluster-based: images taken from each such cluster
     max_per_seed_set: int = 1_000_000  # cluster-based: cap over the whole seed set
     retrieval_ivf_min_size: int = 1_000_000  # exact search below, IVF above
+    retrieval_pq_m: int = 0  # >0: IVF-PQ codes of this many bytes above that size (memory)
     target_size: int = 0  # balanced sampling fills the selection up to this; 0: retrieval only
     strategy: str = "random"  # random | closest: which images of a level-1 cluster to take
     max_repeat: int = 1  # how often balanced sampling may pick one image

@@ -220,7 +220,7 @@ def _add_seeds(layout: RunLayout, levels: list, seed_parts: list, columns: dict)
 def _retrieve(ccfg, parts, levels, seed_parts, selected_by, query_key, query_sim, mult) -> dict:
     from pipeline.stages import curate as cu
     from pipeline.stages.embed import read_part
-    from pipeline.stages.semdedup import build_index
+    from pipeline.stages.semdedup import build_index, index_kind
 
     seeds, seed_keys = [], []
     for part in seed_parts:
@@ -236,9 +236,11 @@ def _retrieve(ccfg, parts, levels, seed_parts, selected_by, query_key, query_sim
         from pipeline.config import SemDedupConfig
 
         n = sum(p.shape[0] for p in parts)
-        icfg = SemDedupConfig(index="auto", ivf_min_size=ccfg.retrieval_ivf_min_size)
+        icfg = SemDedupConfig(index="auto", ivf_min_size=ccfg.retrieval_ivf_min_size,
+                              pq_m=ccfg.retrieval_pq_m)  # fmt: skip
         index = build_index(parts, icfg, n)
-        rows, seed_rows, sims, collisions = cu.sample_based(index, seeds, ccfg.per_seed)
+        exact = parts if index_kind(icfg, n) == "ivfpq" else None  # PQ cosines are biased
+        rows, seed_rows, sims, collisions = cu.sample_based(index, seeds, ccfg.per_seed, exact)
         selected_by[rows], mult[rows] = "retrieval", 1
         query_key[rows] = np.array(seed_keys, object)[seed_rows]
         query_sim[rows] = sims

@@ -25,6 +25,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "retrieval", "balanced", "both")
+REFINE = 8  # IVF-PQ retrieval: candidates per wanted neighbour, re-ranked exactly
 RETRIEVALS = ("auto", "sample", "cluster")
 
 
@@ -83,12 +84,22 @@ def retrieval_kind(cfg, n_seeds: int) -> str:
 
 
 def sample_based(
-    index, seeds: np.ndarray, per_seed: int
+    index, seeds: np.ndarray, per_seed: int, exact_parts: Sequence[np.ndarray] | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(pool rows, their closest seed row, cosine, collisions): the ``per_seed`` nearest pool
-    images of every seed, each pool image once (with its most similar seed)."""
+    images of every seed, each pool image once (with its most similar seed). With
+    ``exact_parts`` (an IVF-PQ index) the similarities are recomputed from the embeddings."""
+    from pipeline.stages.semdedup import exact_sims
+
     k = min(per_seed, index.ntotal)
-    sims, rows = index.search(np.ascontiguousarray(seeds, dtype=np.float32), k)
+    seeds = np.ascontiguousarray(seeds, dtype=np.float32)
+    if exact_parts is None:
+        sims, rows = index.search(seeds, k)
+    else:  # PQ ranks coarsely inside dense regions: take REFINE x k candidates, re-rank exactly
+        sims, rows = index.search(seeds, min(REFINE * k, index.ntotal))
+        sims = exact_sims(seeds, rows, exact_parts)
+        best = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        sims, rows = np.take_along_axis(sims, best, 1), np.take_along_axis(rows, best, 1)
     seed_rows = np.repeat(np.arange(len(seeds)), k)
     sims, rows = sims.reshape(-1), rows.reshape(-1).astype(np.int64)
     valid = rows >= 0
