@@ -15,7 +15,8 @@ DEMO_STEPS ?= 150
 TORCHRUN := $(VENV)/bin/torchrun
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: help setup test test-all demo lint format bench bench-crawl bench-vit bench-train clean
+.PHONY: help setup test test-all demo lint format bench bench-crawl bench-vit bench-train \
+	bench-curation clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -56,7 +57,7 @@ format: setup  ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix pipeline pretrain tests bench
 	$(VENV)/bin/ruff format pipeline pretrain tests bench
 
-bench: bench-crawl bench-vit bench-train  ## every benchmark; figures go to docs/benchmarks.md
+bench: bench-crawl bench-vit bench-train bench-curation  ## every benchmark; figures go to docs/benchmarks.md
 
 bench-crawl: setup  ## dinoforge vs img2dataset crawl throughput and memory
 	$(PY) bench/bench_crawl.py
@@ -66,6 +67,13 @@ bench-vit: setup  ## ViT forward+backward vs timm on multi-crop batches
 
 bench-train: setup  ## training throughput with a per-phase breakdown
 	$(PY) bench/bench_train.py
+
+bench-curation: setup  ## embed stage vs bare forward, semantic dedup, k-means vs FAISS, retrieval, writing
+	$(PY) bench/bench_embed.py --images 256 --shard-size 128 --rounds 3
+	$(PY) bench/bench_semdedup.py
+	$(PY) bench/bench_kmeans.py
+	$(PY) bench/bench_curate.py
+	$(PY) bench/semdedup_planted.py
 
 clean:  ## remove the virtual environment and run outputs
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
