@@ -106,14 +106,12 @@ def _needs_model(cfg: PipelineConfig) -> bool:
 
 def _check_checkpoint(path: str) -> None:
     """The embedder's weights must exist before a cluster spins up for them."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"embed.checkpoint: {path} does not exist")
-    if p.is_dir() and not (p / "teacher_backbone.safetensors").is_file():
-        raise ConfigError(
-            f"embed.checkpoint: {path} is a directory without teacher_backbone.safetensors "
-            f"(export it: python -m pretrain.export --checkpoint {path})"
-        )
+    from pretrain.models.loading import weights_file
+
+    try:
+        weights_file(path)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"embed.checkpoint: {exc}") from None
 
 
 def _run(args: argparse.Namespace) -> int:

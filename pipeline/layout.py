@@ -39,6 +39,7 @@ from pathlib import Path
 import pyarrow as pa
 
 KEY_SHARD_DIGITS = 5  # a sample key is the 5-digit crawl shard index, then the row index
+CURATED_SHARD_DIGITS = 6  # RUN/curated/shards/NNNNNN.tar
 TRAIN_SHARD_LIST = "train_shards.txt"
 
 CRAWL_SCHEMA = pa.schema(
@@ -82,6 +83,10 @@ SEMANTIC_SCHEMA = pa.schema(
 
 def shard_name(index: int) -> str:
     return f"{index:0{KEY_SHARD_DIGITS}d}"
+
+
+def curated_shard_name(index: int) -> str:
+    return f"{index:0{CURATED_SHARD_DIGITS}d}"
 
 
 def shard_of_key(key: str) -> int:
@@ -134,6 +139,9 @@ class RunLayout:
         self.curated_shards_dir = self.curated_dir / "shards"
         self.curated_manifest = self.curated_dir / "manifest.parquet"
         self.curated_summary = self.curated_dir / "summary.json"
+
+    def curated_shard(self, index: int) -> Path:
+        return self.curated_shards_dir / f"{curated_shard_name(index)}.tar"
 
     def level_dir(self, level: int) -> Path:
         return self.clusters_dir / f"level{level}"

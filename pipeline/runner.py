@@ -29,7 +29,7 @@ from ray.util import ActorPool
 from pipeline import plan
 from pipeline.config import CrawlConfig, EmbedConfig, PipelineConfig
 from pipeline.layout import RunLayout, clear_temporaries, shard_of_key, token
-from pipeline.shardio import read_stats
+from pipeline.shardio import read_stats, write_stats
 from pipeline.sources import iter_shards
 from pipeline.stages.crawl import crawl_shard
 from pipeline.stages.dedup import run_dedup
@@ -215,10 +215,23 @@ class EmbedActor:
 
         return embed_crawl_shard(self.embedder, shard, drop, part, token_)
 
-    def embed_eval_set(self, spec: str, part, token_: str, what: str = "decontaminate.sets"):
+    def embed_eval_set(self, spec: str, part, token_: str) -> dict:
         from pipeline.stages.embed import embed_eval_set
 
-        return embed_eval_set(self.embedder, spec, part, token_, what)
+        return embed_eval_set(self.embedder, spec, part, token_)
+
+
+def on_embedders(cfg: PipelineConfig, method: str, jobs: list):
+    """Run ``EmbedActor.<method>(*job)`` for every job on a fresh actor pool; yield
+    (result, the backbone's description) as they finish. No actor starts without jobs."""
+    if not jobs:
+        return
+    actors = embed_actors(cfg)
+    described = ray.get(actors[0].describe.remote())
+    for result in ActorPool(actors).map_unordered(
+        lambda actor, job: getattr(actor, method).remote(*job), jobs
+    ):
+        yield result, described
 
 
 def embed_actors(cfg: PipelineConfig) -> list:
@@ -248,14 +261,10 @@ def _run_embed(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
             skipped += 1
             continue
         jobs.append((shard, drops.get(shard.index, set()), part, tok))
-    actors = embed_actors(cfg) if jobs else []
-    backbone = (
-        ray.get(actors[0].describe.remote())
-        if actors
-        else ((previous or {}).get("summary") or {}).get("backbone")
-    )
+    backbone = ((previous or {}).get("summary") or {}).get("backbone")
     images, failures, started = 0, 0, time.time()
-    for marker in ActorPool(actors).map_unordered(lambda a, j: a.embed_shard.remote(*j), jobs):
+    for marker, described in on_embedders(cfg, "embed_shard", jobs):
+        backbone = described
         images += marker["count"]
         failures += marker["failures"]
         log.info("embed: shard %05d done (%d images, %d undecodable), %.1f images/s overall",
@@ -306,15 +315,9 @@ def _run_semdedup(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previ
 
     write_parquet_atomic(table, layout.semantic_parquet)
     result["decontamination_sets"] = list(cfg.decontaminate.sets)
-    atomic_write_text(layout.semantic_summary, _json(result))
+    write_stats(result, layout.semantic_summary)
     log.info("semdedup: %s", result)
     return {**result, "input_token": input_token}
-
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
 
 
 def _load_parts(parts: list) -> tuple[list, list[str]]:
@@ -363,10 +366,8 @@ def _embed_eval_sets(cfg: PipelineConfig, layout: RunLayout) -> list:
         parts.append(part)
         if not (part.done.exists() and read_stats(part.done).get("token") == tok):
             jobs.append((spec, part, tok))
-    if jobs:
-        pool = ActorPool(embed_actors(cfg))
-        for marker in pool.map_unordered(lambda a, j: a.embed_eval_set.remote(*j), jobs):
-            log.info("decontaminate: embedded %d images of %s", marker["count"], marker["set"])
+    for marker, _ in on_embedders(cfg, "embed_eval_set", jobs):
+        log.info("decontaminate: embedded %d images of %s", marker["count"], marker["set"])
     return parts
 
 

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,20 @@ import ray
 
 from pipeline import plan
 from pipeline.config import PipelineConfig
-from pipeline.layout import CRAWL_SCHEMA, RunLayout, clear_temporaries, shard_of_key, token
-from pipeline.shardio import read_stats, write_npy_atomic, write_parquet_atomic
+from pipeline.layout import (
+    CRAWL_SCHEMA,
+    RunLayout,
+    clear_temporaries,
+    curated_shard_name,
+    shard_of_key,
+    token,
+)
+from pipeline.shardio import read_stats, write_npy_atomic, write_parquet_atomic, write_stats
 from pipeline.stages import cluster as cl
 from pipeline.stages.curate import RowSubset
-from pretrain.configtools import atomic_write_text, to_object
+from pretrain.configtools import to_object
 
 log = logging.getLogger(__name__)
-
-
-def _json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
 
 
 def kept_pool(layout: RunLayout) -> tuple[list[RowSubset], list[str], list[Path], list]:
@@ -103,7 +105,7 @@ def run_cluster(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previou
     from pipeline.stages.curate import balance_report
 
     balance = {f"l{t}": balance_report(cl.labels_at(levels, t)) for t in range(1, len(levels) + 1)}
-    atomic_write_text(layout.clusters_dir / "summary.json", _json({"pool": n, "levels": balance}))
+    write_stats({"pool": n, "levels": balance}, layout.clusters_dir / "summary.json")
     return {"pool": n, "levels": list(ccfg.levels), "balance": balance,
             "input_token": input_token}  # fmt: skip
 
@@ -205,7 +207,7 @@ def _add_seeds(layout: RunLayout, levels: list, seed_parts: list, columns: dict)
     composed = [labels]
     for level in levels[1:]:
         composed.append(level.assignment[composed[-1]])
-    for i, key in enumerate(k.rsplit(":", 1)[-1] for k in keys):
+    for i, key in enumerate(keys):
         columns["key"].append(key)
         columns["selected_by"].append("seed")
         columns["query_key"].append(None)
@@ -226,7 +228,7 @@ def _retrieve(ccfg, parts, levels, seed_parts, selected_by, query_key, query_sim
     for part in seed_parts:
         feats, k = read_part(part)
         seeds.append(np.asarray(feats, np.float32))
-        seed_keys += [key.rsplit(":", 1)[-1] for key in k]  # "tar:key" -> the seed's key
+        seed_keys += k
     seeds = np.concatenate(seeds)
     if seeds.shape[1] != parts[0].shape[1]:
         raise ValueError(f"curate.seeds embedded with dimension {seeds.shape[1]}, the pool "
@@ -303,10 +305,9 @@ def _crawl_seeds(cfg: PipelineConfig, layout: RunLayout) -> None:
 
 
 def _embed_seeds(cfg: PipelineConfig, layout: RunLayout) -> list:
-    """Embed the seed set once (RUN/embed/seeds/set00) with the pool's model."""
-    from ray.util import ActorPool
-
-    from pipeline.runner import embed_actors
+    """Embed the seed set once (RUN/embed/seeds/set00) with the pool's model: it is a crawl
+    shard by then, embedded exactly as the pool's shards are."""
+    from pipeline.runner import on_embedders
 
     if not cfg.curate.seeds:
         return []
@@ -317,9 +318,7 @@ def _embed_seeds(cfg: PipelineConfig, layout: RunLayout) -> list:
     tok = token(plan.stage_settings(cfg, "embed"), cfg.curate.seeds, shard.stats.read_text())
     part = layout.embed_part("set00", seeds=True)
     if not (part.done.exists() and read_stats(part.done).get("token") == tok):
-        pool = ActorPool(embed_actors(cfg))
-        job = [(str(shard.tar), part, tok, "curate.seeds")]
-        for marker in pool.map_unordered(lambda a, j: a.embed_eval_set.remote(*j), job):
+        for marker, _ in on_embedders(cfg, "embed_shard", [(shard, set(), part, tok)]):
             log.info("curate: embedded %d seed images", marker["count"])
     return [part]
 
@@ -356,7 +355,7 @@ def run_write(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous)
     tar_index = {t: wr.tar_member_index(Path(t)) for t in sorted(set(sources.values()))}
     refs, skipped = {}, 0
     for i, entries in enumerate(shards):
-        tar = out_dir / f"{i:06d}.tar"
+        tar = layout.curated_shard(i)
         need = {src for _, src in entries}
         mine = {k: fields[k] for k in need}
         if wr.shard_done(tar, entries, mine):
@@ -374,14 +373,14 @@ def run_write(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous)
             failed.append(i)
     if failed:
         return {"unfinished": True, "failed_shards": failed}
-    tars = [out_dir / f"{i:06d}.tar" for i in range(len(shards))]
+    tars = [layout.curated_shard(i) for i in range(len(shards))]
     manifest = _manifest_table(layout, shards, fields)
     write_parquet_atomic(manifest, layout.curated_manifest)
     from pipeline.runner import write_train_shard_list
 
     write_train_shard_list(layout, tars)
     summary = curation_summary(layout, manifest, tars)
-    atomic_write_text(layout.curated_summary, _json(summary))
+    write_stats(summary, layout.curated_summary)
     return {"shards": len(tars), "written": len(refs), "skipped_shards": skipped,
             "samples": manifest.num_rows, "input_token": input_token}  # fmt: skip
 
@@ -411,7 +410,7 @@ def _manifest_table(layout: RunLayout, shards: list, fields: dict[str, dict]) ->
     for i, entries in enumerate(shards):
         for out_key, src in entries:
             row = {**crawl_rows[src], **fields[src]}
-            row.update(key=out_key, source_key=src, shard=f"{i:06d}",
+            row.update(key=out_key, source_key=src, shard=curated_shard_name(i),
                        repeat_index=parse_output_key(out_key)[1])  # fmt: skip
             rows.append(row)
     names = list(dict.fromkeys(name for row in rows for name in row))

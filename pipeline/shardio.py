@@ -71,7 +71,7 @@ def write_npy_atomic(array: np.ndarray, path: Path) -> None:
 
 
 def write_stats(stats: dict, path: Path) -> None:
-    atomic_write_text(path, json.dumps(stats, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(stats, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_stats(path: Path) -> dict:

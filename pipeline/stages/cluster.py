@@ -41,12 +41,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import ClusterConfig  # noqa: F401  (re-exported)
-from pipeline.stages.semdedup import chunks, embedding_dim, gpu_available, rows_of
+from pipeline.stages.semdedup import (
+    check_normalised,
+    chunks,
+    embedding_dim,
+    gpu_available,
+    rows_of,
+)
 
 log = logging.getLogger(__name__)
 
 INIT_METHODS = ("kmeans++", "faiss")
-NORM_TOLERANCE = 0.02  # |norm - 1| allowed in inputs (float16 storage rounds to ~1e-3)
 KPP_CANDIDATES_PER_CENTROID = 8  # k-means++ seeds are drawn from min(n, 8 k) sample points
 SEED_LEVEL_STRIDE = 1000
 
@@ -113,17 +118,8 @@ def check_inputs(parts, cfg) -> int:
     embedding_dim(parts, "cluster")
     if cfg.levels[0] > n:
         raise ValueError(f"cluster.levels[0]={cfg.levels[0]} exceeds the {n} embeddings")
-    for part in parts:
-        _check_unit(part[:1024], "cluster embeddings")
+    check_normalised(parts, "cluster")
     return n
-
-
-def _check_unit(x: np.ndarray, what: str) -> None:
-    if len(x):
-        norms = np.linalg.norm(np.asarray(x, np.float32), axis=1)
-        worst = float(np.max(np.abs(norms - 1)))
-        if not worst <= NORM_TOLERANCE:  # NaN too
-            raise ValueError(f"{what} must be L2-normalised (|norm - 1| = {worst:.3g})")
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -232,7 +228,7 @@ def train_level(points_sample: np.ndarray, k: int, cfg, level: int) -> np.ndarra
         raise ValueError(
             f"cluster.levels[{level - 1}]={k} exceeds the {len(x)} points of level {level}"
         )
-    _check_unit(x, f"cluster level {level} inputs")
+    check_normalised([x], f"cluster level {level} input")
     centroids = kmeans(x, k, cfg, kmeans_seed(cfg, level))
     steps = int(cfg.resampling_steps[level - 1])
     size = sample_size(cfg, level, len(x), k)

@@ -145,7 +145,3 @@ def balance_report(labels: np.ndarray, weights: np.ndarray | None = None) -> dic
     return {"clusters": int(len(sizes)), "min": int(sizes.min()),
             "median": float(np.median(sizes)), "max": int(sizes.max()),
             "normalised_entropy": round(entropy, 4)}  # fmt: skip
-
-
-def seed_rows_in(keys: Sequence[str]) -> dict[str, int]:
-    return {k: i for i, k in enumerate(keys)}

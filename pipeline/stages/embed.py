@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import glob
 import io
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -218,15 +217,14 @@ def eval_set_samples(items: list[tuple[str, str | None]]) -> Iterator[tuple[str,
                 yield f"{path}:{key}", files[ext]
 
 
-def embed_eval_set(
-    embedder: Embedder, spec: str, part: EmbedPart, token: str, what: str = "decontaminate.sets"
-) -> dict:
-    """Embed every image of one image set (evaluation or seed images) into ``part``; raise
-    if none decodes. ``what`` names the setting in errors."""
+def embed_eval_set(embedder: Embedder, spec: str, part: EmbedPart, token: str) -> dict:
+    """Embed every image of one evaluation set into ``part``; raise if none decodes."""
     part.done.unlink(missing_ok=True)
-    keys, feats, failures = embed_samples(embedder, eval_set_samples(eval_set_files(spec, what)))
+    keys, feats, failures = embed_samples(embedder, eval_set_samples(eval_set_files(spec)))
     if not keys:
-        raise EmbedInputError(f"{what}: no image of {spec} decodes ({len(failures)} tried)")
+        raise EmbedInputError(
+            f"decontaminate.sets: no image of {spec} decodes ({len(failures)} tried)"
+        )
     return write_part(part, keys, feats, failures, {"set": spec, "token": token})
 
 
@@ -239,7 +237,3 @@ def read_part(part: EmbedPart, mmap: bool = True) -> tuple[np.ndarray, list[str]
     if len(keys) != feats.shape[0]:
         raise ValueError(f"{part.npy}: {feats.shape[0]} rows but {len(keys)} keys")
     return feats, keys
-
-
-def read_marker(part: EmbedPart) -> dict:
-    return json.loads(part.done.read_text())

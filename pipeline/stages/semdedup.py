@@ -93,7 +93,7 @@ def check_normalised(parts: Sequence[np.ndarray], what: str, sample: int = 1024)
         if part.shape[0]:
             norms = np.linalg.norm(np.asarray(part[:sample], np.float32), axis=1)
             worst = float(np.abs(norms - 1).max())
-            if worst > NORM_TOLERANCE:
+            if not worst <= NORM_TOLERANCE:  # NaN rows fail too
                 raise ValueError(
                     f"{what} embeddings must be L2-normalised (|norm - 1| = {worst:.3g})"
                 )

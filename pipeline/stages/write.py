@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import tarfile
 from collections.abc import Iterable, Sequence
@@ -37,13 +36,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.layout import CRAWL_SCHEMA, crawl_shard_files, shard_of_key, token
+from pipeline.layout import (
+    CRAWL_SCHEMA,
+    crawl_shard_files,
+    curated_shard_name,
+    shard_of_key,
+    token,
+)
 from pipeline.shardio import TarSink, read_stats, write_stats
+from pretrain.models.loading import file_sha256
 
 # --- layout (to move to pipeline.layout) ---------------------------------------------------------
-CURATED_DIR = "curated"  # RUN/curated
-CURATED_SHARDS_DIR = "shards"  # RUN/curated/shards
-CURATED_SHARD_DIGITS = 6
 DONE_SUFFIX = ".done.json"
 
 # --- sample conventions -------------------------------------------------------------------------
@@ -79,14 +82,6 @@ class CuratedShardError(RuntimeError):
 
 
 # --- paths ----------------------------------------------------------------------------------------
-
-
-def curated_shards_dir(run_root: str | os.PathLike) -> Path:
-    return Path(run_root) / CURATED_DIR / CURATED_SHARDS_DIR
-
-
-def curated_shard_name(index: int) -> str:
-    return f"{index:0{CURATED_SHARD_DIGITS}d}"
 
 
 def curated_shard_path(shards_dir: Path, index: int) -> Path:
@@ -337,14 +332,6 @@ def _same(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return a == b
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --- resume ---------------------------------------------------------------------------------------

@@ -59,6 +59,23 @@ def _run_global_crop_size(run_dir: Path) -> int:
         raise ValueError(f"{config}: cannot read crops.global_crops_size: {exc}") from exc
 
 
+def weights_file(path_or_run_dir: str | os.PathLike) -> Path:
+    """The weights file ``load_backbone`` would read (a run dir's export, or the file itself);
+    FileNotFoundError naming what is missing. Cheap: callers check inputs with it up front."""
+    path = Path(path_or_run_dir)
+    if path.is_dir():
+        weights = path / EXPORT_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"{path} holds no {EXPORT_NAME}: export the run's teacher first with "
+                f"`python -m pretrain.export --checkpoint {path}`"
+            )
+        return weights
+    if path.is_file():
+        return path
+    raise FileNotFoundError(f"no backbone weights file or training run directory at {path}")
+
+
 def load_backbone(
     path_or_run_dir: str | os.PathLike, *, attn_backend: str = "auto"
 ) -> LoadedBackbone:
@@ -70,18 +87,8 @@ def load_backbone(
     from pretrain.models import _backbone_from_file
 
     path = Path(path_or_run_dir)
-    if path.is_dir():
-        weights = path / EXPORT_NAME
-        if not weights.is_file():
-            raise FileNotFoundError(
-                f"{path} holds no {EXPORT_NAME}: export the run's teacher first with "
-                f"`python -m pretrain.export --checkpoint {path}`"
-            )
-        image_size = _run_global_crop_size(path)
-    elif path.is_file():
-        weights, image_size = path, DEFAULT_IMAGE_SIZE
-    else:
-        raise FileNotFoundError(f"no backbone weights file or training run directory at {path}")
+    weights = weights_file(path)
+    image_size = _run_global_crop_size(path) if path.is_dir() else DEFAULT_IMAGE_SIZE
     name, model = _backbone_from_file(weights, attn_backend)
     return LoadedBackbone(
         model=model.float().eval(),

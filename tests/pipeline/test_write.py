@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import pipeline.stages.write as W
-from pipeline.layout import crawl_shard_files
+from pipeline.layout import RunLayout, crawl_shard_files
 from pipeline.shardio import TarSink, iter_tar_samples
 
 SHARD_SIZE = 3
@@ -109,7 +109,7 @@ def _manifest(crawl, plan) -> list[dict]:
 @pytest.fixture
 def written(crawl, tmp_path):
     plan = _plan()
-    shards_dir = W.curated_shards_dir(tmp_path / "run")
+    shards_dir = RunLayout(tmp_path / "run").curated_shards_dir
     markers = _write_all(crawl[0], shards_dir, plan)
     return plan, shards_dir, markers
 
@@ -375,7 +375,7 @@ class _KilledBeforeRename(TarSink):
 def test_sigkill_then_clear_partial_and_rerun(crawl, tmp_path):
     crawl_dir = crawl[0]
     plan, fields = _plan(), _fields()
-    shards_dir = W.curated_shards_dir(tmp_path / "run")
+    shards_dir = RunLayout(tmp_path / "run").curated_shards_dir
     sources = W.crawl_sources(crawl_dir, {s for e in plan for _, s in e})
     index = {p: W.tar_member_index(p) for p in set(sources.values())}
     tars = [W.curated_shard_path(shards_dir, i) for i in range(len(plan))]
