@@ -1,12 +1,22 @@
 """Crawl throughput and memory: dinoforge vs img2dataset 1.47.0, side by side in one run.
 
-    python bench/bench_crawl.py                       # 10k URLs both, then 100k dinoforge (memory)
-    python bench/bench_crawl.py --urls 2000 --memory-urls 0
+    python bench/bench_crawl.py                        # both rows at 10k URLs, 2k end to end, 100k memory
+    python bench/bench_crawl.py --rows close --urls 2000 --memory-urls 0 --e2e-urls 0
 
-Both crawl the same URL list from the same loopback server (a separate process serving
-pre-generated JPEGs from memory), resize 256 keep_ratio, on both cores: img2dataset with
-processes_count=2 and threads; dinoforge end to end through its CLI, Ray start-up included.
-img2dataset lives in its own venv (bench_runs/venv-img2dataset; created here if missing).
+Conditions (rows):
+- ``close``: the realistic one. Python's plain threaded ``http.server`` answering HTTP/1.0, so
+  every request opens a new TCP connection (a crawl over millions of hosts almost never reuses
+  one), each image read from disk per request;
+- ``keepalive``: HTTP/1.1 with keep-alive, images held in memory.
+
+The URL list: ``--urls`` distinct URLs (a query string per row) over ``--unique`` JPEGs made by
+``pipeline.simweb`` from the scikit-image photographs (300-1,600 px), with 3% faults spread
+through it (404, 500, slow, truncated, HTML, empty, decompression bomb, redirect loop, a 20 MB
+body). Both resize to 256 keep_ratio on both cores. img2dataset runs in its own venv
+(bench_runs/venv-img2dataset; created here if missing) at its recommended settings
+(``processes_count`` = cores, ``thread_count`` swept from 32, ``retries=0 timeout=10``);
+dinoforge end to end through its CLI (Ray start-up included) at its defaults, its threads per
+task swept likewise. Each condition reports the best setting of each, then the ratio.
 Peak memory is the sampled RSS of each crawler's whole process tree (driver, workers, and for
 dinoforge Ray's own daemons).
 """
@@ -33,6 +43,9 @@ from crawl_memory import PeakRss  # noqa: E402
 from pipeline.simweb import build_web, save_web  # noqa: E402
 
 RUNS = REPO / "bench_runs"
+EXTRA = [
+    a for a in os.environ.get("DF_EXTRA", "").split() if a
+]  # extra dinoforge overrides, for trials
 I2D_VENV = RUNS / "venv-img2dataset"
 PIP_ENV = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"} | {
     "PIP_CONFIG_FILE": "/dev/null"
@@ -48,15 +61,20 @@ def ensure_img2dataset() -> Path:
     return exe
 
 
-def start_server(n_unique: int, seed: int) -> tuple[subprocess.Popen, str]:
+FAULTS = ("fault/404", "fault/500", "fault/slow", "fault/truncated.jpg", "fault/html",
+          "fault/empty", "fault/bomb.png", "fault/loop-a", "fault/huge")  # fmt: skip
+
+
+def start_server(n_unique: int, seed: int, row: str) -> tuple[subprocess.Popen, str]:
     web_dir = RUNS / f"web-{n_unique}-{seed}"
     if not (web_dir / "planted.json").exists():
         save_web(build_web(n_unique, seed=seed, min_distance=0), web_dir)
     port_file = RUNS / "server.port"
     port_file.unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    extra = ["--http10", "--from-disk"] if row == "close" else []
     server = subprocess.Popen([sys.executable, "-m", "pipeline.simweb", "--web-dir", str(web_dir),
-                               "--port-file", str(port_file)], env=env)  # fmt: skip
+                               "--port-file", str(port_file), *extra], env=env)  # fmt: skip
     for _ in range(600):
         if port_file.exists() and port_file.read_text():
             return server, f"http://127.0.0.1:{port_file.read_text()}"
@@ -66,8 +84,16 @@ def start_server(n_unique: int, seed: int) -> tuple[subprocess.Popen, str]:
 
 
 def write_urls(path: Path, base: str, n_urls: int, n_unique: int) -> Path:
-    # Distinct URLs (a query string per row) over the unique images, in a fixed shuffled order.
-    urls = [f"{base}/img/{(i * 7919) % n_unique:06d}.jpg?row={i}" for i in range(n_urls)]
+    """Distinct URLs (a query string per row) over the unique images in a fixed shuffled order;
+    every 33rd row (3%) a fault endpoint, cycling through FAULTS."""
+    urls = []
+    for i in range(n_urls):
+        target = (
+            FAULTS[(i // 33) % len(FAULTS)]
+            if i % 33 == 32
+            else f"img/{(i * 7919) % n_unique:06d}.jpg"
+        )
+        urls.append(f"{base}/{target}?row={i}")
     pq.write_table(pa.table({"url": urls}), path)
     return path
 
@@ -83,11 +109,13 @@ def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, int, int]:
     return time.perf_counter() - started, rss.peak, code
 
 
-def run_dinoforge(urls: Path, out: Path, shard_size: int, threads: int) -> dict:
+def run_dinoforge(urls: Path, out: Path, threads: int | None, shard_size: int) -> dict:
+    """dinoforge at its defaults (threads, tasks in flight), but for ``threads`` when given."""
     cmd = [sys.executable, "-m", "pipeline", "run", "configs/pipeline/crawl.yaml", f"input.urls={urls}",
-           f"output_dir={out}", f"crawl.shard_size={shard_size}", "crawl.allow_private_networks=true",
-           f"crawl.threads_per_task={threads}", "crawl.image_size=256", "crawl.resize_mode=keep_ratio",
-           "ray.num_cpus=2"]  # fmt: skip
+           f"output_dir={out}", "crawl.allow_private_networks=true", f"crawl.shard_size={shard_size}",
+           "crawl.image_size=256", "crawl.resize_mode=keep_ratio", *EXTRA]  # fmt: skip
+    if threads:
+        cmd.append(f"crawl.threads_per_task={threads}")
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")  # fmt: skip
     env.pop("RAY_ADDRESS", None)
@@ -96,28 +124,67 @@ def run_dinoforge(urls: Path, out: Path, shard_size: int, threads: int) -> dict:
     return {"wall_s": wall, "successes": ok, "peak_rss_mb": peak / 2**20}
 
 
-def run_img2dataset(urls: Path, out: Path, shard_size: int, threads: int) -> dict:
+def run_img2dataset(urls: Path, out: Path, threads: int | None, shard_size: int) -> dict:
+    """img2dataset as its README recommends: processes = cores, many threads, no retries."""
     cmd = [str(ensure_img2dataset()), f"--url_list={urls}", "--input_format=parquet", "--url_col=url",
-           f"--output_folder={out}", "--output_format=webdataset", "--processes_count=2",
-           f"--thread_count={threads}", "--image_size=256", "--resize_mode=keep_ratio",
-           f"--number_sample_per_shard={shard_size}", "--distributor=multiprocessing",
+           f"--output_folder={out}", "--output_format=webdataset", f"--processes_count={os.cpu_count()}",
+           f"--thread_count={threads or 32}", "--image_size=256", "--resize_mode=keep_ratio",
+           "--retries=0", "--timeout=10", "--distributor=multiprocessing",
+           f"--number_sample_per_shard={shard_size}",
            "--enable_wandb=False"]  # fmt: skip
     wall, peak, _ = timed(cmd, dict(os.environ), out.with_suffix(".log"))
     ok = sum(json.loads(p.read_text())["successes"] for p in out.glob("*_stats.json"))
     return {"wall_s": wall, "successes": ok, "peak_rss_mb": peak / 2**20}
 
 
+RUNNERS = {"img2dataset": run_img2dataset, "dinoforge": run_dinoforge}
+
+
+def sweep(work: Path, urls: Path, settings: dict[str, list], repeats: int, log: list,
+          shard_size: int) -> dict:  # fmt: skip
+    """Every (crawler, threads) setting ``repeats`` times, crawlers alternating (A B B A ...)
+    so drifting load hits both alike; the best setting of each by mean images/s."""
+    pairs = [(name, t) for i in range(max(map(len, settings.values())))
+             for name in RUNNERS if i < len(settings[name]) for t in [settings[name][i]]]  # fmt: skip
+    rates: dict[tuple, list[float]] = {}
+    for r in range(repeats):
+        for name, threads in pairs if r % 2 == 0 else pairs[::-1]:
+            out = work / f"{name}-t{threads or 'default'}-{r}"
+            result = RUNNERS[name](urls, out, threads, shard_size)
+            result |= {"crawler": name, "threads": threads, "repeat": r,
+                       "images_per_s": result["successes"] / result["wall_s"],
+                       "load_1min_after": os.getloadavg()[0]}  # fmt: skip
+            print(json.dumps(result), flush=True)
+            log.append(result)
+            rates.setdefault((name, threads), []).append(result["images_per_s"])
+    best = {}
+    for name in RUNNERS:
+        mean = {t: sum(v) / len(v) for (n, t), v in rates.items() if n == name}
+        top = max(mean, key=mean.get)
+        best[name] = {"threads": top, "images_per_s": mean[top], "all": mean}
+    best["speedup"] = best["dinoforge"]["images_per_s"] / best["img2dataset"]["images_per_s"]
+    return best
+
+
+def _threads(text: str) -> list:
+    return [None if t == "default" else int(t) for t in text.split(",")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="close,keepalive")
     parser.add_argument("--urls", type=int, default=10_000)
-    parser.add_argument("--unique", type=int, default=1000, help="distinct images behind the URLs")
+    parser.add_argument("--unique", type=int, default=2000, help="distinct images behind the URLs")
+    parser.add_argument("--i2d-threads", default="32,64,128", help="img2dataset thread_count sweep")
+    parser.add_argument("--df-threads", default="default,32,96", help="dinoforge threads sweep")
+    parser.add_argument("--repeats", type=int, default=2, help="passes over the sweep, alternating")
+    parser.add_argument("--e2e-urls", type=int, default=2000, help="0 skips the small run")
     parser.add_argument("--memory-urls", type=int, default=100_000, help="0 skips the large run")
-    parser.add_argument("--shard-size", type=int, default=2500)
     parser.add_argument(
-        "--threads", type=int, default=16, help="per process (img2dataset) / per task"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=2, help="runs of each crawler, order alternating"
+        "--shard-size",
+        type=int,
+        default=2500,
+        help="both crawlers: small enough that every core gets shards",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -125,40 +192,43 @@ def main() -> int:
     work = RUNS / f"crawl-{stamp}"
     work.mkdir(parents=True)
     ensure_img2dataset()
-    server, base = start_server(args.unique, args.seed)
-    results: dict = {"load_before": os.getloadavg()}
-    try:
-        urls = write_urls(work / "urls.parquet", base, args.urls, args.unique)
-        # Alternate the order (A B B A ...) so drifting load from other jobs hits both alike.
-        for r in range(args.repeats):
-            order = [("img2dataset", run_img2dataset), ("dinoforge", run_dinoforge)]
-            for name, runner in order if r % 2 == 0 else order[::-1]:
-                result = runner(urls, work / f"{name}-{r}", args.shard_size, args.threads)
-                result["load_1min_after"] = os.getloadavg()[0]
-                results.setdefault(name, []).append(result)
-                (work / "results.json").write_text(
-                    json.dumps(results, indent=2)
-                )  # kept if a later run fails
-        if args.memory_urls:
-            big = write_urls(work / "urls-big.parquet", base, args.memory_urls, args.unique)
-            large = run_dinoforge(big, work / "dinoforge-large", args.shard_size, args.threads)
-            results["dinoforge_large"] = [large | {"urls": args.memory_urls}]
-        results["load_after"] = os.getloadavg()
-    finally:
-        server.kill()
-        server.wait()
-    for name in ("img2dataset", "dinoforge", "dinoforge_large"):
-        for r in results.get(name, []):
-            r["images_per_s"] = r["successes"] / r["wall_s"]
-    mean_rate = {
-        n: sum(r["images_per_s"] for r in results[n]) / len(results[n])
-        for n in ("img2dataset", "dinoforge")
-    }
-    results["mean_images_per_s"] = mean_rate
-    results["speedup"] = mean_rate["dinoforge"] / mean_rate["img2dataset"]
-    results["args"] = vars(args)
-    (work / "results.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    results: dict = {"args": vars(args), "load_before": os.getloadavg(), "runs": []}
+
+    def save() -> None:
+        (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
+
+    settings = {"img2dataset": _threads(args.i2d_threads), "dinoforge": _threads(args.df_threads)}
+    for row in args.rows.split(","):
+        server, base = start_server(args.unique, args.seed, row)
+        try:
+            urls = write_urls(work / f"urls-{row}.parquet", base, args.urls, args.unique)
+            results[row] = sweep(
+                work / row, urls, settings, args.repeats, results["runs"], args.shard_size
+            )
+            save()
+            if row == "close" and args.e2e_urls:
+                small = write_urls(work / "urls-e2e.parquet", base, args.e2e_urls, args.unique)
+                picked = {n: [results[row][n]["threads"]] for n in RUNNERS}
+                results["e2e"] = sweep(
+                    work / "e2e", small, picked, 2, results["runs"], args.shard_size
+                )
+                save()
+            if row == "close" and args.memory_urls:
+                big = write_urls(work / "urls-big.parquet", base, args.memory_urls, args.unique)
+                large = run_dinoforge(big, work / "dinoforge-large", None, args.shard_size)
+                results["memory"] = large | {
+                    "urls": args.memory_urls,
+                    "images_per_s": large["successes"] / large["wall_s"],
+                }
+                save()
+        finally:
+            server.kill()
+            server.wait()
+    results["load_after"] = os.getloadavg()
+    save()
+    summary = {k: results[k] for k in ("close", "keepalive", "e2e", "memory") if k in results}
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"results: {work / 'results.json'}")
     return 0
 
 

@@ -77,8 +77,6 @@ def prepare_run(config: str, overrides: list[str]) -> tuple[PipelineConfig, int]
 
 def _check_image_sets(cfg: PipelineConfig, stages: list[str]) -> None:
     """Seed and evaluation sets must hold images before a cluster spins up for them."""
-    from pipeline.stages.embed import EmbedInputError, eval_set_files
-
     sets = [(s, "decontaminate.sets") for s in cfg.decontaminate.sets if "semdedup" in stages]
     if "curate" in stages and cfg.curate.seeds:
         from pipeline.sources import URL_FORMATS
@@ -92,6 +90,10 @@ def _check_image_sets(cfg: PipelineConfig, stages: list[str]) -> None:
                 raise ConfigError(f"curate.seeds: {exc}") from None
         else:
             sets.append((cfg.curate.seeds, "curate.seeds"))
+    if not sets:
+        return
+    from pipeline.stages.embed import EmbedInputError, eval_set_files  # imports torch: 1-2 s
+
     for spec, key in sets:
         try:
             eval_set_files(spec, key)

@@ -77,11 +77,13 @@ def robots_opt_out(header_values: list[str], opt_outs: list[str]) -> str | None:
 class Fetcher:
     """Fetches URLs for one crawl task; thread-safe, keeps connections alive per host."""
 
-    def __init__(self, cfg: CrawlConfig) -> None:
+    def __init__(self, cfg: CrawlConfig, getaddrinfo=socket.getaddrinfo) -> None:
         self.cfg = cfg
+        self._getaddrinfo = getaddrinfo  # the system resolver; tests pass their own answers
         self._timeout = urllib3.Timeout(connect=cfg.connect_timeout_s, read=cfg.read_timeout_s)
         self._pools: dict[tuple, urllib3.HTTPConnectionPool] = {}
-        self._dns: dict[tuple[str, int], str] = {}
+        # (host, port) -> (address or the lookup's error, expiry on the monotonic clock)
+        self._dns: dict[tuple[str, int], tuple[str | FetchError, float]] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -120,7 +122,7 @@ class Fetcher:
 
     def _request(self, url: str) -> tuple[int, urllib3.HTTPHeaderDict, bytes]:
         scheme, host, port, path = _split_url(url)
-        ip = self._resolve(host, port)
+        ip = self.resolve(host, port)
         pool = self._pool(scheme, host, ip, port)
         headers = {"User-Agent": self.cfg.user_agent, "Host": _host_header(host, port, scheme)}
         try:
@@ -182,22 +184,37 @@ class Fetcher:
             raise _Retryable(kind, f"{kind} while reading body: {exc}", status) from None
         return b"".join(chunks)
 
-    def _resolve(self, host: str, port: int) -> str:
+    def resolve(self, host: str, port: int) -> str:
+        """The checked address to connect to for (host, port).
+
+        Answers, failures included, are cached for ``dns_cache_ttl_s`` (a crawl hits the same
+        hosts over and over; without a cache the resolver is flooded and starts failing). Every
+        request checks the address it will connect to, cached or not, and connects to exactly
+        that address: a host that re-resolves to a private address after its entry expires or
+        changes (DNS rebinding) is refused on that request.
+        """
+        now = time.monotonic()
         with self._lock:
-            ip = self._dns.get((host, port))
-        if ip is None:
-            try:
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except (socket.gaierror, UnicodeError) as exc:
-                raise FetchError("dns_error", f"cannot resolve {host}: {exc}") from None
-            if not infos:
-                raise FetchError("dns_error", f"no address for {host}")
-            ip = str(infos[0][4][0])
+            cached = self._dns.get((host, port))
+        if cached is None or cached[1] <= now:
+            cached = (self._lookup(host, port), now + self.cfg.dns_cache_ttl_s)
             with self._lock:
-                self._dns[(host, port)] = ip
-        if not self.cfg.allow_private_networks and not is_public_address(ip):
-            raise FetchError("blocked_address", f"{host} resolves to non-public address {ip}")
-        return ip
+                self._dns[(host, port)] = cached
+        answer = cached[0]
+        if isinstance(answer, FetchError):
+            raise FetchError(answer.kind, str(answer))
+        if not self.cfg.allow_private_networks and not is_public_address(answer):
+            raise FetchError("blocked_address", f"{host} resolves to non-public address {answer}")
+        return answer
+
+    def _lookup(self, host: str, port: int) -> str | FetchError:
+        try:
+            infos = self._getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            return FetchError("dns_error", f"cannot resolve {host}: {exc}")
+        if not infos:
+            return FetchError("dns_error", f"no address for {host}")
+        return str(infos[0][4][0])
 
     def _pool(self, scheme: str, host: str, ip: str, port: int) -> urllib3.HTTPConnectionPool:
         key = (scheme, host, ip, port)

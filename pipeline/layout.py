@@ -60,6 +60,21 @@ CRAWL_SCHEMA = pa.schema(
         ("jpg_sha256", pa.string()),
     ]
 )
+# Fields the pipeline writes into a sample's manifest row and JSON after the crawl columns:
+# verdicts and the curation's columns (plus one cluster_lN per k-means level).
+CURATION_FIELDS = ("duplicate_of", "reason", "distance", "similarity", "component", "shard",
+                   "selected_by", "query_key", "query_distance", "multiplicity", "source_key",
+                   "repeat_index")  # fmt: skip
+
+
+def is_reserved_field(name: str) -> bool:
+    """True for a name the pipeline writes itself: an input column of that name is renamed."""
+    level = name.removeprefix("cluster_l")
+    return (
+        name in CRAWL_SCHEMA.names or name in CURATION_FIELDS or (level != name and level.isdigit())
+    )
+
+
 DEDUP_SCHEMA = pa.schema(
     [
         ("key", pa.string()),

@@ -19,8 +19,9 @@ import time
 from typing import Any
 
 from pipeline.layout import RunLayout
+from pipeline.shardio import write_stats
 from pipeline.stages import BY_NAME, STAGE_NAMES, later_stages
-from pretrain.configtools import ConfigError, atomic_write_text, to_dict
+from pretrain.configtools import ConfigError, to_dict
 
 
 def stage_settings(cfg: Any, stage: str) -> dict[str, Any]:
@@ -122,9 +123,7 @@ def mark(layout: RunLayout, cfg: Any, stage: str, state: str, **fields: Any) -> 
         "updated_at": time.time(),
         **fields,
     }
-    atomic_write_text(
-        layout.stage_file(stage), json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
-    )
+    write_stats(record, layout.stage_file(stage))
 
 
 def is_done(state: dict | None, input_token: str | None = None) -> bool:

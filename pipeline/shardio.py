@@ -19,10 +19,44 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.layout import CRAWL_SCHEMA, temp_name
-from pretrain.configtools import atomic_write_text
 
 MANIFEST_SCHEMA = CRAWL_SCHEMA
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+
+
+class AtomicFile:
+    """A file written under a writer-unique temporary name beside ``path``; ``commit`` fsyncs
+    it, renames it into place and fsyncs the directory, so after a crash or power loss the
+    file is either absent or whole (and a done marker, committed last, never outlives the
+    files it vouches for). ``abort`` removes the temporary. Every pipeline writer uses this.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_name(self.path)
+
+    def commit(self) -> None:
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def abort(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 class TarSink:
@@ -30,8 +64,8 @@ class TarSink:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.tmp = temp_name(path)
-        self._tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._file = AtomicFile(path)
+        self._tar = tarfile.open(self._file.tmp, "w", format=tarfile.USTAR_FORMAT)
 
     def add(self, key: str, jpeg: bytes, meta: dict) -> None:
         self._member(f"{key}.jpg", jpeg)
@@ -46,32 +80,30 @@ class TarSink:
 
     def commit(self) -> None:
         self._tar.close()
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
+        self._file.commit()
 
     def abort(self) -> None:
         self._tar.close()
-        self.tmp.unlink(missing_ok=True)
+        self._file.abort()
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    tmp = temp_name(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with AtomicFile(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_npy_atomic(array: np.ndarray, path: Path) -> None:
-    tmp = temp_name(path)
-    with open(tmp, "wb") as f:
+    with AtomicFile(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    with AtomicFile(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 def write_stats(stats: dict, path: Path) -> None:
-    atomic_write_text(path, json.dumps(stats, indent=2, sort_keys=True, default=str) + "\n")
+    write_text_atomic(json.dumps(stats, indent=2, sort_keys=True, default=str) + "\n", path)
 
 
 def read_stats(path: Path) -> dict:

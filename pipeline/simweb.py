@@ -180,19 +180,29 @@ def fault_bodies() -> dict[str, bytes]:
     good = _jpeg(Image.new("RGB", (400, 300), (200, 30, 30)), 90)
     bomb = io.BytesIO()
     Image.new("1", (12000, 12000)).save(bomb, format="PNG")  # 144 Mpx in ~20 kB
-    return {"image": good, "bomb": bomb.getvalue(), "big": good + b"\0" * 3_000_000}
+    return {"image": good, "bomb": bomb.getvalue(), "big": good + b"\0" * 3_000_000,
+            "huge": good + b"\0" * 20_000_000}  # fmt: skip
 
 
 class ImageServer:
-    """Threaded HTTP/1.1 server on 127.0.0.1 serving a SimWeb from memory, with fault paths."""
+    """Threaded HTTP server on 127.0.0.1 serving a SimWeb, with fault paths.
 
-    def __init__(self, web: SimWeb | None = None, slow_s: float = 3.0, port: int = 0) -> None:
+    By default HTTP/1.1 with keep-alive, images held in memory. ``http10=True`` answers
+    HTTP/1.0 and closes every connection after one response, as most hosts of a crawl over
+    millions of sites look to a crawler (per-host keep-alive almost never helps there);
+    ``web_dir`` reads each image from disk per request instead of holding the web in memory.
+    """
+
+    def __init__(self, web: SimWeb | None = None, slow_s: float = 3.0, port: int = 0,
+                 http10: bool = False, web_dir: Path | None = None) -> None:  # fmt: skip
         self.images = dict(web.images) if web else {}
+        self.web_dir = web_dir
         self.faults = fault_bodies()
         self.slow_s = slow_s
         self.hits: dict[str, int] = {}
         self._lock = threading.Lock()
-        handler = type("Handler", (_Handler,), {"site": self})
+        attrs = {"site": self, "protocol_version": "HTTP/1.0" if http10 else "HTTP/1.1"}
+        handler = type("Handler", (_Handler,), attrs)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.httpd.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -208,6 +218,16 @@ class ImageServer:
 
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path}"
+
+    def image(self, path: str) -> bytes | None:
+        if self.web_dir is None:
+            return self.images.get(path)
+        if not path.startswith("img/") or "/" in path[4:] or path.startswith("img/."):
+            return None
+        try:
+            return (self.web_dir / path).read_bytes()
+        except OSError:
+            return None
 
     def count_hit(self, path: str) -> int:
         with self._lock:
@@ -228,7 +248,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.lstrip("/").split("?")[0]
         hits = self.site.count_hit(path)
-        body = self.site.images.get(path)
+        body = self.site.image(path)
         if body is not None:
             return self._send(200, body, "image/jpeg")
         if path.startswith("fault/"):
@@ -243,6 +263,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if hits == 1
                 else self._send(200, faults["image"], "image/jpeg")
             )
+        if name == "500":
+            return self._send(500, b"server error", "text/plain")
         if name == "slow":
             time.sleep(self.site.slow_s)
             return self._send(200, faults["image"], "image/jpeg")
@@ -263,6 +285,8 @@ class _Handler(BaseHTTPRequestHandler):
             )
         if name == "big":
             return self._send(200, faults["big"], "image/jpeg")
+        if name == "huge":
+            return self._send(200, faults["huge"], "image/jpeg")
         if name == "robots":
             return self._send(
                 200, faults["image"], "image/jpeg", {"X-Robots-Tag": "otherbot: noai, noimageai"}
@@ -325,8 +349,12 @@ def serve_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=serve_main.__doc__.split("\n")[0])
     parser.add_argument("--web-dir", type=Path, required=True)
     parser.add_argument("--port-file", type=Path, required=True)
+    parser.add_argument("--http10", action="store_true", help="HTTP/1.0: one connection a request")
+    parser.add_argument("--from-disk", action="store_true", help="read each image per request")
     args = parser.parse_args(argv)
-    with ImageServer(load_web(args.web_dir)) as server:
+    web = None if args.from_disk else load_web(args.web_dir)
+    server = ImageServer(web, http10=args.http10, web_dir=args.web_dir if args.from_disk else None)
+    with server:
         args.port_file.write_text(str(server.httpd.server_address[1]))
         threading.Event().wait()
     return 0

@@ -18,6 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.config import INPUT_KINDS, InputConfig
+from pipeline.layout import is_reserved_field
 
 URL_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".txt": "txt"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -136,14 +137,13 @@ def _select(
         if missing:
             raise InputError(f"input.carry_columns not in {path}: {sorted(missing)}")
         extras = list(cfg.carry_columns)
-    # A column whose name clashes with a manifest column would overwrite it: prefix it.
-    clashing = {"key", "status", "error_type", "error_message", "http_status", "width", "height",
-                "original_width", "original_height", "sha256", "bytes", "phash", "url"}  # fmt: skip
+    # A column named as a field the pipeline writes would overwrite it (or be overwritten):
+    # carry it as input_<name>.
     arrays = [batch.column(column).cast(pa.string())]
     fields = ["url"]
     for name in extras:
         arrays.append(batch.column(name))
-        fields.append(f"input_{name}" if name in clashing else name)
+        fields.append(f"input_{name}" if is_reserved_field(name) else name)
     return pa.RecordBatch.from_arrays(arrays, names=fields)
 
 

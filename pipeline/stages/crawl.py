@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
 
 import pyarrow as pa
@@ -93,15 +93,15 @@ def crawl_shard(
     load = _url_loader(fetcher) if fetcher else local_loader(kind)
     paths.stats.unlink(missing_ok=True)  # not done until rewritten below
     sink = TarSink(paths.tar)
-    records = []
+    records: list[dict | None] = [None] * len(rows)
     try:
         with ThreadPoolExecutor(cfg.threads_per_task) as pool:
-            results = _ordered_results(pool, rows, load, cfg, previous, shard_index, width)
-            for key, row, record, jpeg, meta in results:
+            results = _completed_results(pool, rows, load, cfg, previous, shard_index, width)
+            for row_index, key, record, jpeg, meta in results:
                 record["key"] = key
-                records.append(record)
+                records[row_index] = record
                 if jpeg is not None:
-                    sink.add(key, jpeg, meta or _sample_meta(record, row))
+                    sink.add(key, jpeg, meta or _sample_meta(record, rows[row_index]))
         sink.commit()
     except BaseException:
         sink.abort()
@@ -123,29 +123,35 @@ def _url_loader(fetcher: Fetcher) -> Loader:
     return load
 
 
-def _ordered_results(pool, rows, load, cfg, previous, shard_index, width) -> Iterator[tuple]:
-    """Results in row order, with a bounded window of rows in flight (memory stays flat)."""
-    window: collections.deque[tuple[str, dict, Future | tuple]] = collections.deque()
-    ahead = cfg.threads_per_task * 4
+def _completed_results(pool, rows, load, cfg, previous, shard_index, width) -> Iterator[tuple]:
+    """(row index, key, record, jpeg, meta) as each row finishes, in completion order.
+
+    A bounded number of rows is in flight, so memory stays flat; nothing waits on the slowest
+    row (a server that takes the whole timeout, a retry's backoff), which a row-ordered window
+    would: there every thread idles once the window fills behind one slow URL. The tar is in
+    completion order; the manifest, built from these by row index, stays in row order.
+    """
+    in_flight: dict[Future, tuple[int, str]] = {}
+    limit = cfg.threads_per_task * 2
     for row_index, row in enumerate(rows):
         key = sample_key(shard_index, row_index, width)
         old = previous.get(key)
         if old is not None and old[0]["status"] == "success":
-            window.append((key, row, old))
-        else:
-            window.append((key, row, pool.submit(crawl_row, row, load, cfg)))
-        while len(window) > ahead:
-            yield _settle(*window.popleft())
-    while window:
-        yield _settle(*window.popleft())
+            record, jpeg, meta = old
+            yield row_index, key, dict(record), jpeg, meta
+            continue
+        in_flight[pool.submit(crawl_row, row, load, cfg)] = (row_index, key)
+        if len(in_flight) >= limit:
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            yield from _settle(in_flight, done)
+    yield from _settle(in_flight, as_completed(list(in_flight)))
 
 
-def _settle(key: str, row: dict, pending: Future | tuple) -> tuple:
-    if isinstance(pending, Future):
-        record, jpeg = pending.result()
-        return key, row, record, jpeg, None
-    record, jpeg, meta = pending
-    return key, row, dict(record), jpeg, meta
+def _settle(in_flight: dict[Future, tuple[int, str]], done) -> Iterator[tuple]:
+    for future in done:
+        row_index, key = in_flight.pop(future)
+        record, jpeg = future.result()
+        yield row_index, key, record, jpeg, None
 
 
 def _previous_results(paths: CrawlShard) -> dict[str, tuple[dict, bytes | None, dict | None]]:

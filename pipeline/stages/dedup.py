@@ -19,8 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.layout import CRAWL_SCHEMA, DEDUP_SCHEMA, RunLayout
-from pipeline.shardio import write_parquet_atomic
-from pretrain.configtools import atomic_write_text
+from pipeline.shardio import write_parquet_atomic, write_text_atomic
 
 
 def load_successes(layout: RunLayout, columns: tuple[str, ...] = ("sha256", "phash")) -> pa.Table:
@@ -62,11 +61,10 @@ def find_duplicates(table: pa.Table, threshold: int) -> pa.Table:
             i = parent[i]
         return i
 
-    exact_of: dict[int, int] = {}
+    shas = table["sha256"].to_pylist()
     first_by_sha: dict[str, int] = {}
-    for i, sha in enumerate(table["sha256"].to_pylist()):
+    for i, sha in enumerate(shas):
         if sha in first_by_sha:
-            exact_of[i] = first_by_sha[sha]
             parent[i] = first_by_sha[sha]
         else:
             first_by_sha[sha] = i
@@ -83,7 +81,9 @@ def find_duplicates(table: pa.Table, threshold: int) -> pa.Table:
             duplicate_of.append(None), reason.append(None), distance.append(None)
             continue
         duplicate_of.append(keys[s])
-        reason.append("exact" if i in exact_of else "near")
+        # By the relation to the survivor itself, not to the row a chain went through: a
+        # byte copy of a near duplicate is a near duplicate of the survivor.
+        reason.append("exact" if shas[i] == shas[s] else "near")
         distance.append(int(hashes[i] ^ hashes[s]).bit_count())
     return pa.table(
         {"key": keys, "duplicate_of": duplicate_of, "reason": reason, "distance": distance},
@@ -104,5 +104,5 @@ def run_dedup(layout: RunLayout, threshold: int) -> dict:
         "near_duplicates": reasons.count("near"),
         "phash_threshold": threshold,
     }
-    atomic_write_text(layout.dedup_summary, json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(json.dumps(summary, indent=2) + "\n", layout.dedup_summary)
     return summary

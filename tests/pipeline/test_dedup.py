@@ -49,3 +49,18 @@ def test_survivor_is_the_smallest_key_and_reasons_are_recorded():
         "d": ("a", "near", 1),
         "e": (None, None, None),
     }
+
+
+def test_reason_is_the_relation_to_the_survivor_not_to_the_chain():
+    # c is a byte copy of b, b a near duplicate of a: c reaches a through b, and is a near
+    # duplicate of a (distance 3), not an exact one.
+    table = pa.table({
+        "key": ["a", "b", "c"],
+        "sha256": ["x", "y", "y"],
+        "phash": pa.array([0, 0b111, 0b111], pa.uint64()),
+    })  # fmt: skip
+    by_key = {r["key"]: r for r in find_duplicates(table, 4).to_pylist()}
+    assert (by_key["b"]["duplicate_of"], by_key["b"]["reason"], by_key["b"]["distance"]) == (
+        "a", "near", 3)  # fmt: skip
+    assert (by_key["c"]["duplicate_of"], by_key["c"]["reason"], by_key["c"]["distance"]) == (
+        "a", "near", 3)  # fmt: skip

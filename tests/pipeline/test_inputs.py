@@ -54,6 +54,28 @@ def test_formats_shard_and_carry_columns(fmt, tmp_path):
         assert merged["caption"].to_pylist() == [f"c{i}" for i in range(25)]
 
 
+def test_columns_named_as_pipeline_fields_are_carried_renamed(image_server, crawl_cfg, tmp_path):
+    """Every field the pipeline writes (the crawl manifest's, the curation's, cluster levels)
+    is taken from the schemas: an input column of that name is carried as input_<name>."""
+    from pipeline.layout import CRAWL_SCHEMA, CURATION_FIELDS
+
+    reserved = [n for n in CRAWL_SCHEMA.names if n != "url"] + list(CURATION_FIELDS)
+    reserved += ["cluster_l1", "cluster_l12"]
+    assert "jpg_sha256" in reserved
+    free = ["caption", "cluster", "cluster_lx", "shard_id"]
+    path = tmp_path / "urls.parquet"
+    url = image_server.url("img/000000.jpg")
+    pq.write_table(pa.table({"url": [url], **{n: [f"v-{n}"] for n in reserved + free}}), path)
+    ((_, table),) = iter_shards(InputConfig(urls=str(path)), 10)
+    assert table.column_names == ["url", *(f"input_{n}" for n in reserved), *free]
+
+    crawl_shard(table, 0, tmp_path / "crawl", crawl_cfg)
+    row = pq.read_table(tmp_path / "crawl" / "00000.parquet").to_pylist()[0]
+    assert row["status"] == "success" and len(row["jpg_sha256"]) == 64  # not the input's value
+    assert all(row[f"input_{n}"] == f"v-{n}" for n in reserved)
+    assert all(row[n] == f"v-{n}" for n in free)
+
+
 @pytest.mark.parametrize(
     "content, overrides, message",
     [

@@ -1,0 +1,128 @@
+"""The fetcher's DNS cache and address check, and a crawl that never waits on its slowest URL."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import CrawlConfig
+from pipeline.fetch import Fetcher, FetchError
+from pipeline.shardio import iter_tar_samples
+from pipeline.stages.crawl import crawl_shard
+
+
+class Resolver:
+    """Stands in for the system resolver (no DNS server can be pointed at here): answers what
+    the test sets and counts lookups."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer, self.lookups = answer, 0
+
+    def __call__(self, host, port, type=0):  # noqa: A002 (getaddrinfo's signature)
+        self.lookups += 1
+        if self.answer is None:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (self.answer, port))]
+
+
+def _fetcher(resolver: Resolver, ttl: float) -> Fetcher:
+    return Fetcher(CrawlConfig(dns_cache_ttl_s=ttl), getaddrinfo=resolver)
+
+
+def test_answers_are_cached_for_their_ttl():
+    resolver = Resolver("93.184.216.34")
+    fetcher = _fetcher(resolver, ttl=60)
+    assert [fetcher.resolve("example.org", 80) for _ in range(5)] == ["93.184.216.34"] * 5
+    assert resolver.lookups == 1
+    assert fetcher.resolve("example.org", 443) == "93.184.216.34" and resolver.lookups == 2
+
+
+def test_rebinding_to_a_private_address_is_refused_once_the_entry_expires():
+    resolver = Resolver("93.184.216.34")
+    fetcher = _fetcher(resolver, ttl=0.2)
+    assert fetcher.resolve("rebind.example", 80) == "93.184.216.34"
+    resolver.answer = "10.0.0.7"  # the attacker's DNS now points the name inside the network
+    # Within the TTL the connection still goes to the address that was checked ...
+    assert fetcher.resolve("rebind.example", 80) == "93.184.216.34"
+    time.sleep(0.3)
+    # ... and after it the new answer is checked again and refused, as on every request.
+    for _ in range(2):
+        with pytest.raises(FetchError) as err:
+            fetcher.resolve("rebind.example", 80)
+        assert err.value.kind == "blocked_address" and "10.0.0.7" in str(err.value)
+    resolver.answer = "169.254.169.254"  # cloud metadata
+    time.sleep(0.3)
+    with pytest.raises(FetchError, match="169.254.169.254"):
+        fetcher.resolve("rebind.example", 80)
+    assert resolver.lookups == 3
+
+
+def test_a_private_first_answer_is_refused_and_failures_are_cached():
+    resolver = Resolver("192.168.1.1")
+    fetcher = _fetcher(resolver, ttl=60)
+    with pytest.raises(FetchError, match="non-public"):
+        fetcher.resolve("router.example", 80)
+    resolver.answer = None
+    with pytest.raises(FetchError) as err:
+        fetcher.resolve("gone.example", 80)
+    assert err.value.kind == "dns_error"
+    with pytest.raises(FetchError):
+        fetcher.resolve("gone.example", 80)
+    assert resolver.lookups == 2  # the failed name was not looked up again
+
+
+def test_a_slow_url_does_not_hold_back_the_rest_of_the_shard(image_server, crawl_cfg, tmp_path):
+    """Rows are written as they finish: the slow row (2 s) at the head of the shard ends up
+    last in the tar, while the manifest stays in row order with every row in it."""
+    crawl_cfg.read_timeout_s = crawl_cfg.total_timeout_s = 5.0
+    crawl_cfg.threads_per_task = 4
+    urls = [image_server.url("fault/slow")] + [
+        image_server.url(f"img/{i:06d}.jpg") for i in range(12)
+    ]
+    crawl_shard(pa.table({"url": urls}), 0, tmp_path, crawl_cfg)
+    rows = pq.read_table(tmp_path / "00000.parquet").to_pylist()
+    assert [r["url"] for r in rows] == urls
+    assert [r["key"] for r in rows] == [f"00000{i:04d}" for i in range(len(urls))]
+    assert all(r["status"] == "success" for r in rows)
+    tar_keys = [key for key, _ in iter_tar_samples(tmp_path / "00000.tar")]
+    assert sorted(tar_keys) == [r["key"] for r in rows]
+    assert tar_keys[-1] == rows[0]["key"]
+
+
+def test_every_writer_is_atomic_and_leaves_nothing_behind_on_failure(tmp_path, monkeypatch):
+    import os
+
+    import numpy as np
+
+    from pipeline import shardio
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(shardio.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    table = pa.table({"a": [1, 2]})
+    shardio.write_parquet_atomic(table, tmp_path / "t.parquet")
+    shardio.write_npy_atomic(np.arange(3), tmp_path / "a.npy")
+    shardio.write_stats({"n": 1}, tmp_path / "s.json")
+    sink = shardio.TarSink(tmp_path / "x.tar")
+    sink.add("k", b"jpeg", {"n": 1})
+    sink.commit()
+    # Each of the four writers fsyncs its file and then the directory holding it.
+    assert len(synced) == 8
+    assert pq.read_table(tmp_path / "t.parquet").equals(table)
+    assert np.load(tmp_path / "a.npy").tolist() == [0, 1, 2]
+    assert dict(iter_tar_samples(tmp_path / "x.tar"))["k"]["jpg"] == b"jpeg"
+
+    with pytest.raises(pa.ArrowInvalid):
+        shardio.write_parquet_atomic(pa.table({"a": [1]}), tmp_path / "bad.parquet")
+        raise pa.ArrowInvalid("a writer failing halfway")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(RuntimeError):
+        with shardio.AtomicFile(tmp_path / "half.bin") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no half.bin, no temporary
+    assert not list(tmp_path.glob(".*.tmp"))
