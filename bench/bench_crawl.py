@@ -113,7 +113,7 @@ def run_dinoforge(urls: Path, out: Path, threads: int | None, shard_size: int) -
     """dinoforge at its defaults (threads, tasks in flight), but for ``threads`` when given."""
     cmd = [sys.executable, "-m", "pipeline", "run", "configs/pipeline/crawl.yaml", f"input.urls={urls}",
            f"output_dir={out}", "crawl.allow_private_networks=true", f"crawl.shard_size={shard_size}",
-           "crawl.image_size=256", "crawl.resize_mode=keep_ratio", *EXTRA]  # fmt: skip
+           "crawl.image_size=256", "crawl.resize_mode=keep_ratio"]  # fmt: skip
     if threads:
         cmd.append(f"crawl.threads_per_task={threads}")
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
@@ -176,7 +176,11 @@ def main() -> int:
     parser.add_argument("--urls", type=int, default=10_000)
     parser.add_argument("--unique", type=int, default=2000, help="distinct images behind the URLs")
     parser.add_argument("--i2d-threads", default="32,64,128", help="img2dataset thread_count sweep")
-    parser.add_argument("--df-threads", default="default,32,96", help="dinoforge threads sweep")
+    parser.add_argument(
+        "--df-threads",
+        default="default,16,32",
+        help="dinoforge threads per task sweep (default: its config's, 64)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="passes over the sweep, alternating")
     parser.add_argument("--e2e-urls", type=int, default=2000, help="0 skips the small run")
     parser.add_argument("--memory-urls", type=int, default=100_000, help="0 skips the large run")
