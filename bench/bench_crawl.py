@@ -146,6 +146,7 @@ def sweep(work: Path, urls: Path, settings: dict[str, list], repeats: int, log: 
     so drifting load hits both alike; the best setting of each by mean images/s."""
     pairs = [(name, t) for i in range(max(map(len, settings.values())))
              for name in RUNNERS if i < len(settings[name]) for t in [settings[name][i]]]  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
     rates: dict[tuple, list[float]] = {}
     for r in range(repeats):
         for name, threads in pairs if r % 2 == 0 else pairs[::-1]:
@@ -202,22 +203,26 @@ def main() -> int:
         (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
     settings = {"img2dataset": _threads(args.i2d_threads), "dinoforge": _threads(args.df_threads)}
-    for row in args.rows.split(","):
+    for row in [r for r in args.rows.split(",") if r]:
         server, base = start_server(args.unique, args.seed, row)
         try:
             urls = write_urls(work / f"urls-{row}.parquet", base, args.urls, args.unique)
-            results[row] = sweep(
-                work / row, urls, settings, args.repeats, results["runs"], args.shard_size
-            )
+            results[row] = sweep(work / row, urls, settings, args.repeats, results["runs"],
+                                 args.shard_size)  # fmt: skip
             save()
-            if row == "close" and args.e2e_urls:
+        finally:
+            server.kill()
+            server.wait()
+    if args.e2e_urls or args.memory_urls:  # both on the realistic condition
+        server, base = start_server(args.unique, args.seed, "close")
+        try:
+            if args.e2e_urls:
                 small = write_urls(work / "urls-e2e.parquet", base, args.e2e_urls, args.unique)
-                picked = {n: [results[row][n]["threads"]] for n in RUNNERS}
-                results["e2e"] = sweep(
-                    work / "e2e", small, picked, 2, results["runs"], args.shard_size
-                )
+                picked = {"img2dataset": [32], "dinoforge": [None]}  # recommended / default
+                results["e2e"] = sweep(work / "e2e", small, picked, 2, results["runs"],
+                                       args.shard_size)  # fmt: skip
                 save()
-            if row == "close" and args.memory_urls:
+            if args.memory_urls:
                 big = write_urls(work / "urls-big.parquet", base, args.memory_urls, args.unique)
                 large = run_dinoforge(big, work / "dinoforge-large", None, args.shard_size)
                 results["memory"] = large | {

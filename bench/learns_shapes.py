@@ -1,4 +1,4 @@
-"""What a short DINOv2 run learns on the generated shapes, measured as it trains.
+"""What a short DINOv2 run learns on generated data, measured as it trains.
 
 One process, no torchrun: the training pieces of `pretrain` (SSLModel, the three losses, AdamW
 groups, schedules, EMA) on in-memory shapes, with the teacher's k-NN accuracy (label = shape)
@@ -7,6 +7,11 @@ every `--eval-every` steps. Used for the ablations in docs/training.md ("The sha
     python bench/learns_shapes.py --steps 600 --lr 0.004                       # the test's recipe
     python bench/learns_shapes.py --steps 600 --background colour             # the shortcut
     python bench/learns_shapes.py --steps 600 loss.ibot_weight=0 loss.koleo_weight=0   # DINO alone
+    python bench/learns_shapes.py --data silhouettes --images 8000 --steps 1200    # the hard set
+
+``--data silhouettes`` (pretrain.data.silhouettes): 10 outline classes on crops of real
+photographs, colour/size/position/rotation random. Each run also prints the raw-pixel k-NN
+floor (the eval images themselves, flattened, as features).
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from pretrain import arch, optim
 from pretrain.config import TrainConfig, load_train_config
+from pretrain.data import silhouettes, synthetic
 from pretrain.data.loader import build_transforms
-from pretrain.data.synthetic import samples
 from pretrain.eval.features import extract_features
 from pretrain.eval.knn import knn_accuracy
 
@@ -44,6 +50,20 @@ class ShapeBatches(IterableDataset):
             yield collate([augment(img) for img in picks])
 
 
+def raw_pixel_top1(train, val, size: int) -> float:
+    """k-NN@20 on the pixels themselves, at the eval size: the floor a backbone must clear."""
+
+    def pixels(items):
+        return torch.stack([torch.from_numpy(np.asarray(img.resize((size, size)), np.float32))
+                            .flatten() for _, _, img in items])  # fmt: skip
+
+    x_train, x_val = pixels(train), pixels(val)
+    x_train, x_val = x_train - x_train.mean(0), x_val - x_train.mean(0)
+    y_train = torch.tensor([label for _, label, _ in train])
+    y_val = torch.tensor([label for _, label, _ in val])
+    return knn_accuracy(x_train, y_train, x_val, y_val, ks=(20,))[20]
+
+
 def knn_top1(backbone, train, val, size: int) -> float:
     backbone.eval()
     x_train = extract_features(backbone, [img for _, _, img in train], size)
@@ -62,6 +82,7 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=1000, help="per k-NN split")
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--background", choices=["grey", "colour"], default="grey")
+    parser.add_argument("--data", choices=["shapes", "silhouettes"], default="shapes")
     parser.add_argument("--config", default=str(REPO / "configs/pretrain/vit_test_cpu.yaml"))
     parser.add_argument("overrides", nargs="*", help="key=value on the training config")
     args = parser.parse_args()
@@ -71,9 +92,17 @@ def main() -> None:
         ["data.shards=in-memory", f"train.steps={args.steps}", f"optim.base_lr={args.lr}",
          f"data.batch_size_per_rank={args.batch}", *args.overrides],
     )  # fmt: skip
-    pool = [img for _, _, img in samples(args.images, 1, background=args.background)]
-    train = list(samples(args.eval_images, 2, background=args.background))
-    val = list(samples(args.eval_images, 3, background=args.background))
+    if args.data == "shapes":
+
+        def make(n, seed):
+            return list(synthetic.samples(n, seed, background=args.background))
+    else:
+
+        def make(n, seed):
+            return list(silhouettes.samples(n, seed))
+
+    pool = [img for _, _, img in make(args.images, 1)]
+    train, val = make(args.eval_images, 2), make(args.eval_images, 3)
     batches = iter(DataLoader(ShapeBatches(cfg, pool, args.batch), batch_size=None, num_workers=1))
 
     torch.manual_seed(cfg.train.seed)
@@ -83,7 +112,10 @@ def main() -> None:
     schedules = optim.Schedules(cfg.optim, cfg.train, args.batch)
     params = [p for p in student.parameters() if p.requires_grad]
     size = cfg.crops.global_crops_size
-    print(f"overrides: {' '.join(args.overrides) or '-'}; background {args.background}")
+    print(
+        f"overrides: {' '.join(args.overrides) or '-'}; data {args.data}, background "
+        f"{args.background}; raw-pixel k-NN@20 {raw_pixel_top1(train, val, size):.3f}"
+    )
     print(f"step     0  teacher k-NN@20 {knn_top1(teacher.backbone, train, val, size):.3f}")
     start = time.perf_counter()
     for step in range(args.steps):

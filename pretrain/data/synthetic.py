@@ -77,28 +77,40 @@ def samples(n: int, seed: int, size: int = 64, background: str = "grey"):
         yield f"{seed:04d}{i:07d}", label, draw_shape(SHAPES[label], rng, size, background)
 
 
-def write_shapes_shards(
-    out_dir: str | Path, n: int, per_shard: int = 128, seed: int = 0, size: int = 64
-) -> list[str]:
-    """Write n samples as out_dir/shapes-NNNNNN.tar; returns the shard paths."""
+def write_shards(out_dir: str | Path, data, class_names, per_shard: int = 128,
+                 prefix: str = "shapes") -> list[str]:  # fmt: skip
+    """Write (key, label, image) samples as out_dir/PREFIX-NNNNNN.tar (jpg + json with the
+    label); returns the shard paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pattern = str(out_dir / "shapes-%06d.tar")
+    pattern = str(out_dir / f"{prefix}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
-        for key, label, img in samples(n, seed, size):
-            meta = {"key": key, "label": label, "shape": SHAPES[label]}
+        for key, label, img in data:
+            meta = {"key": key, "label": label, "class": class_names[label]}
             sink.write({"__key__": key, "jpg": _jpeg(img), "json": json.dumps(meta).encode()})
-    return sorted(str(p) for p in out_dir.glob("shapes-*.tar"))
+    return sorted(str(p) for p in out_dir.glob(f"{prefix}-*.tar"))
 
 
-def write_shapes_folders(out_dir: str | Path, n: int, seed: int = 0, size: int = 64) -> Path:
-    """Write n samples as out_dir/<shape>/<key>.jpg (an ImageFolder layout)."""
+def write_folders(out_dir: str | Path, data, class_names) -> Path:
+    """Write (key, label, image) samples as out_dir/<class>/<key>.jpg (an ImageFolder)."""
     out_dir = Path(out_dir)
-    for key, label, img in samples(n, seed, size):
-        folder = out_dir / SHAPES[label]
+    for key, label, img in data:
+        folder = out_dir / class_names[label]
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{key}.jpg").write_bytes(_jpeg(img))
     return out_dir
+
+
+def write_shapes_shards(
+    out_dir: str | Path, n: int, per_shard: int = 128, seed: int = 0, size: int = 64
+) -> list[str]:
+    """Write n shapes as out_dir/shapes-NNNNNN.tar; returns the shard paths."""
+    return write_shards(out_dir, samples(n, seed, size), SHAPES, per_shard)
+
+
+def write_shapes_folders(out_dir: str | Path, n: int, seed: int = 0, size: int = 64) -> Path:
+    """Write n shapes as out_dir/<shape>/<key>.jpg (an ImageFolder layout)."""
+    return write_folders(out_dir, samples(n, seed, size), SHAPES)
 
 
 def main(argv: list[str] | None = None) -> None:
