@@ -16,7 +16,6 @@ evaluation: dinoforge's own k-NN code (k=20) on the same 1,000 / 1,000 labelled 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import random
 import subprocess
@@ -86,10 +85,15 @@ def train(args) -> None:
             img_size=56, patch_size=14, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4,
             num_classes=0, dynamic_img_size=True)  # fmt: skip
 
-    student = torch.nn.ModuleDict(
-        {"backbone": vit(), "head": DINOProjectionHead(64, 512, 64, 2048)}
-    )
-    teacher = copy.deepcopy(student)
+    def model():
+        return torch.nn.ModuleDict(
+            {"backbone": vit(), "head": DINOProjectionHead(64, 512, 64, 2048)}
+        )
+
+    # A copy built and loaded, not deep-copied: lightly's head uses the old weight_norm hook,
+    # which deepcopy refuses.
+    student, teacher = model(), model()
+    teacher.load_state_dict(student.state_dict())
     deactivate_requires_grad(teacher)
     criterion = DINOLoss(output_dim=2048, warmup_teacher_temp_epochs=5)
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)

@@ -2,7 +2,9 @@
 
     cfg = load_train_config("configs/pretrain/vit_test_cpu.yaml", ["train.steps=10"])
 
-Defaults are DINOv2's ViT-S/B recipe (REFERENCE.md); the YAML files hold the differences.
+Defaults are DINOv2's ViT-S/B recipe (Oquab et al., "DINOv2", arXiv:2304.07193, and the
+released facebookresearch/dinov2 `dinov2/configs/ssl_default_config.yaml`); the YAML files
+hold the differences.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from pretrain.configtools import atomic_write_text
 
 log = logging.getLogger("pretrain.train")
 
-# bf16 dense peak per device, for MFU (REFERENCE.md; vendor sheets).
+# bf16 dense (no sparsity) peak per device, for MFU: NVIDIA's H100/H200 SXM, A100 and L40S
+# datasheets.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 
 

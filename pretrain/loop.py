@@ -22,10 +22,16 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     }
 
 
-def _reduced(terms: arch.LossTerms, stats: dict[str, int], device: torch.device) -> dict:
-    """Losses averaged and corrupt-input counts summed over ranks."""
+def _reduced(
+    terms: arch.LossTerms, streams: dict[int, dict[str, int]], device: torch.device
+) -> dict:
+    """Losses averaged over ranks; corrupt-input counts summed over this rank's loader streams
+    (each DataLoader worker counts its own) and then over ranks."""
     losses = torch.stack([terms.total, terms.dino, terms.ibot, terms.koleo]).detach().float()
-    counts = torch.tensor([stats["corrupt_samples"], stats["corrupt_tars"]], device=device)
+    counts = torch.tensor(
+        [sum(s["corrupt_samples"] for s in streams.values()),
+         sum(s["corrupt_tars"] for s in streams.values())], device=device,
+    )  # fmt: skip
     dist.all_reduce(losses)
     dist.all_reduce(counts)
     losses /= dist.get_world_size()
@@ -54,9 +60,11 @@ def run_steps(
     tc = cfg.train
     end = min(tc.steps, tc.stop_after) if tc.stop_after > 0 else tc.steps
     batches, images_since_log = iter(loader), 0
+    stream_stats: dict[int, dict[str, int]] = {}  # latest running totals per loader stream
     params = [p for p in student.parameters() if p.requires_grad]
     for step in range(start, end):
         batch = _to_device(next(batches), device)
+        stream_stats[batch["stream"]] = batch["stream_stats"]
         values = schedules.at(step)
         optim.apply_step_values(optimizer, values)
         terms = arch.compute_losses(student, teacher, losses, batch, values.teacher_temp, cfg)
@@ -68,7 +76,7 @@ def run_steps(
         done = step + 1
         images_since_log += cfg.data.batch_size_per_rank * dist.get_world_size()
         if done % tc.log_every == 0 or done == end:
-            record = _reduced(terms, batch["stream_stats"], device)
+            record = _reduced(terms, stream_stats, device)
             record.update(
                 vars(values),
                 grad_norm=float(

@@ -14,7 +14,8 @@ uninterrupted one would have seen:
   batch from (seed, rank, g).
 
 A corrupt image or a broken tar is counted, logged with its shard and skipped; the counts ride
-along with every batch (`stream_stats`).
+along with every batch (`stream_stats`: the running totals of the batch's stream, i.e. of one
+DataLoader worker; the training loop sums the latest totals of every stream).
 """
 
 from __future__ import annotations
@@ -108,8 +109,16 @@ def _stream_shards(
     return shards
 
 
-def _image_key(sample: dict[str, Any]) -> str | None:
-    for ext in IMAGE_EXTENSIONS:
+def image_keys(spec: str) -> tuple[str, ...]:
+    """`data.image_key` ("jpg;jpeg;png;webp": fields tried in order) as a tuple."""
+    keys = tuple(k.strip().lower().lstrip(".") for k in spec.split(";") if k.strip())
+    if not keys:
+        raise ValueError(f"data.image_key names no field: {spec!r}")
+    return keys
+
+
+def _image_key(sample: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    for ext in keys:
         if ext in sample:
             return ext
     return None
@@ -151,6 +160,7 @@ class ShardStream(IterableDataset):
         start_batch: int = 0,
         shuffle_buffer: int = 1000,
         reseed_every: int = 500,
+        image_keys: tuple[str, ...] = IMAGE_EXTENSIONS,
     ) -> None:
         self.shards = shards
         self.sample_transform = sample_transform
@@ -161,9 +171,14 @@ class ShardStream(IterableDataset):
         self.start_batch = start_batch
         self.shuffle_buffer = max(1, shuffle_buffer)
         self.reseed_every = max(1, reseed_every)
-        self.stats = StreamStats()
+        self.image_keys = image_keys
+        # One counter per stream: a DataLoader worker is one stream, and in-process the streams
+        # share this object; every batch carries its own stream's running totals.
+        self.stats = [StreamStats() for _ in range(self.n_streams)]
 
-    def _raw_samples(self, rng: random.Random, shards: list[str]) -> Iterator[dict]:
+    def _raw_samples(
+        self, rng: random.Random, shards: list[str], stats: StreamStats
+    ) -> Iterator[dict]:
         """Endless raw samples (bytes) from shards drawn with replacement; broken tars skipped."""
         empty_in_a_row = 0
         while True:
@@ -174,7 +189,7 @@ class ShardStream(IterableDataset):
                     got += 1
                     yield sample
             except Exception as exc:  # a truncated or garbled tar: keep what came before
-                self.stats.corrupt_tars += 1
+                stats.corrupt_tars += 1
                 log.warning("skipping the rest of corrupt shard %s: %s", shard, exc)
             empty_in_a_row = 0 if got else empty_in_a_row + 1
             # Never spin forever on a list of broken shards: fail loudly instead.
@@ -193,21 +208,21 @@ class ShardStream(IterableDataset):
     def _segment(self, stream: int, segment: int) -> Iterator[dict]:
         rng = random.Random(_seed_of(self.seed, self.rank, stream, segment))
         shards = _stream_shards(self.shards, self.rank, self.world_size, stream, self.n_streams)
-        return self._shuffled(rng, self._raw_samples(rng, shards))
+        return self._shuffled(rng, self._raw_samples(rng, shards, self.stats[stream]))
 
-    def _decoded(self, raw: Iterator[dict]) -> Iterator[Image.Image]:
+    def _decoded(self, raw: Iterator[dict], stats: StreamStats) -> Iterator[Image.Image]:
         bad_in_a_row = 0
         for sample in raw:
-            key = _image_key(sample)
+            key = _image_key(sample, self.image_keys)
             try:
                 if key is None:
-                    raise ValueError(f"no image field among {sorted(sample)}")
+                    raise ValueError(f"no image field {self.image_keys} among {sorted(sample)}")
                 image = decode_image(sample[key])
             except Exception as exc:
                 bad_in_a_row += 1
                 if bad_in_a_row > 10000:
                     raise RuntimeError("10000 corrupt samples in a row: check data.shards") from exc
-                self.stats.corrupt_samples += 1
+                stats.corrupt_samples += 1
                 log.warning(
                     "skipping corrupt sample %s in %s: %s",
                     sample.get("__key__"),
@@ -218,7 +233,7 @@ class ShardStream(IterableDataset):
             bad_in_a_row = 0
             yield image
 
-    def _batch(self, images: Iterator[Image.Image], global_batch: int) -> dict:
+    def _batch(self, images: Iterator[Image.Image], global_batch: int, stream: int) -> dict:
         # Augmentations draw from torch, random and numpy: seed all three per batch, and put the
         # caller's states back (with num_workers=0 this runs in the training process).
         batch_seed = _seed_of(self.seed, self.rank, global_batch, 7)
@@ -233,7 +248,8 @@ class ShardStream(IterableDataset):
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
-        batch["stream_stats"] = self.stats.as_dict()
+        batch["stream_stats"] = self.stats[stream].as_dict()
+        batch["stream"] = stream
         batch["batch_index"] = global_batch
         return batch
 
@@ -247,9 +263,9 @@ class ShardStream(IterableDataset):
             # Skip what this segment gave out before `local`: raw tar reads only.
             for _ in range((local % self.reseed_every) * self.batch_size):
                 next(raw)
-            images = self._decoded(raw)
+            images = self._decoded(raw, self.stats[stream])
             for index in range(local, (segment + 1) * self.reseed_every):
-                yield self._batch(images, index * self.n_streams + stream)
+                yield self._batch(images, index * self.n_streams + stream, stream)
             local = (segment + 1) * self.reseed_every
 
     def __iter__(self) -> Iterator[dict]:
@@ -332,5 +348,6 @@ def build_pretrain_loader(
         start_batch=start_batch,
         shuffle_buffer=cfg.data.shuffle_buffer,
         reseed_every=cfg.data.reseed_every,
+        image_keys=image_keys(cfg.data.image_key),
     )
     return build_loader(dataset, cfg.data.num_workers), len(shards)

@@ -63,6 +63,21 @@ def test_two_processes_train_and_write_outputs(full_run, helpers):
     assert ckpts == ["step_0000003", "step_0000006"]
 
 
+def test_corrupt_input_is_counted_over_every_loader_worker(shard_dir, helpers, tmp_path):
+    """Two DataLoader workers: one meets only the undecodable sample, the other only the
+    truncated tar. Every logged step reports both kinds, summed over the workers."""
+    out = tmp_path / "run"
+    shards = f"data.shards=[{shard_dir / 'bad-sample.tar'},{shard_dir / 'truncated.tar'}]"
+    check_ok(helpers.run_train(0, [*base_overrides(shard_dir, out, "data.num_workers=2"),
+                                   shards, "train.steps=4", "train.checkpoint_every=4"]))  # fmt: skip
+    records = helpers.read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["corrupt_samples"] >= 1 and records[-1]["corrupt_tars"] >= 1
+    for earlier, later in zip(records, records[1:]):  # running totals never go back
+        assert later["corrupt_samples"] >= earlier["corrupt_samples"]
+        assert later["corrupt_tars"] >= earlier["corrupt_tars"]
+
+
 def test_teacher_moved_and_export_loads(full_run):
     cfg = load_train_config(str(full_run / "config.yaml"))
     torch.manual_seed(cfg.train.seed)  # the job's initial weights

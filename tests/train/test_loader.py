@@ -101,8 +101,28 @@ def test_corrupt_sample_and_truncated_tar_are_counted_and_skipped(shard_dir):
     dataset = _stream(shards, 0, batch=8, streams=1)
     batches = _take(dataset, 0, 6)
     assert len(batches) == 6 and all(x.shape == (8, 3) for _, x in batches)
-    stats = dataset.stats.as_dict()
+    stats = dataset.stats[0].as_dict()
     assert stats["corrupt_samples"] >= 1 and stats["corrupt_tars"] >= 1
+
+
+def _stream_totals(dataset, workers: int, n: int) -> dict[int, dict[str, int]]:
+    """The latest running totals each stream reported, after n batches."""
+    totals = {}
+    for i, batch in enumerate(build_loader(dataset, workers)):
+        totals[batch["stream"]] = batch["stream_stats"]
+        if i + 1 == n:
+            return totals
+
+
+def test_each_worker_counts_its_own_corrupt_input(shard_dir):
+    """Two workers, one reading the shard with a bad sample, the other the truncated tar: each
+    batch carries its own stream's totals, and those equal the in-process run's."""
+    shards = [str(shard_dir / "bad-sample.tar"), str(shard_dir / "truncated.tar")]
+    with_workers = _stream_totals(_stream(shards, 0, batch=8, streams=2), 2, 8)
+    in_process = _stream_totals(_stream(shards, 0, batch=8, streams=2), 0, 8)
+    assert with_workers == in_process
+    assert with_workers[0]["corrupt_samples"] >= 1 and with_workers[0]["corrupt_tars"] == 0
+    assert with_workers[1]["corrupt_tars"] >= 1 and with_workers[1]["corrupt_samples"] == 0
 
 
 def test_only_broken_shards_fail_loudly(tmp_path):
@@ -140,3 +160,31 @@ def test_colour_jitter_settings_reach_the_augmentation(helpers):
     bad = load_train_config(str(helpers.config), [*base, "crops.color_jitter=[0.4,0.4,0.2,0.7]"])
     with pytest.raises(ValueError, match="color_jitter"):
         build_transforms(bad)
+
+
+def test_image_key_picks_the_configured_field(tmp_path):
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from pretrain.data.loader import image_keys
+
+    assert image_keys("JPG; .png;webp") == ("jpg", "png", "webp")
+    with pytest.raises(ValueError, match="names no field"):
+        image_keys(" ; ")
+
+    def encoded(colour, fmt):
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), colour).save(buf, format=fmt)
+        return buf.getvalue()
+
+    shard = tmp_path / "two-fields.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"k{i}", "jpg": encoded((250, 0, 0), "JPEG"),
+                        "png": encoded((0, 0, 250), "PNG")})  # fmt: skip
+    for keys, channel in ((("png", "jpg"), 2), (("jpg",), 0)):
+        dataset = _stream([str(shard)], 0, batch=4, streams=1, image_keys=keys)
+        ((_, x),) = _take(dataset, 0, 1)
+        assert (x.argmax(dim=1) == channel).all(), keys
