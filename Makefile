@@ -16,7 +16,7 @@ TORCHRUN := $(VENV)/bin/torchrun
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 .PHONY: help setup test test-all demo lint format bench bench-crawl bench-vit bench-train \
-	bench-curation clean
+	bench-curation bench-learning clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -74,6 +74,15 @@ bench-curation: setup  ## embed stage vs bare forward, semantic dedup, k-means v
 	$(PY) bench/bench_kmeans.py
 	$(PY) bench/bench_curate.py
 	$(PY) bench/semdedup_planted.py
+
+SMALL_SCALE := model.layerscale_init=1.0 model.patch_size=8 crops.global_crops_size=64 \
+	crops.local_crops_size=32 optim.teacher_temp=0.04 optim.momentum_teacher=0.99 \
+	head.out_dim=1024 head.ibot_out_dim=1024
+bench-learning: setup  ## the silhouettes learning check: stock recipe, small-scale settings, lightly's DINO
+	$(PY) bench/learns_shapes.py --data silhouettes --images 8000 --steps 1200 --eval-every 400 --lr 0.004
+	$(PY) bench/learns_shapes.py --data silhouettes --images 8000 --steps 1200 --eval-every 400 \
+	    --lr 0.004 $(SMALL_SCALE)
+	$(PY) bench/peer_lightly_dino.py --steps 1200
 
 clean:  ## remove the virtual environment and run outputs
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

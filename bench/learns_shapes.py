@@ -92,6 +92,7 @@ def main() -> None:
         ["data.shards=in-memory", f"train.steps={args.steps}", f"optim.base_lr={args.lr}",
          f"data.batch_size_per_rank={args.batch}", *args.overrides],
     )  # fmt: skip
+    nuisance = None
     if args.data == "shapes":
 
         def make(n, seed):
@@ -100,6 +101,13 @@ def main() -> None:
 
         def make(n, seed):
             return list(silhouettes.samples(n, seed))
+
+        # The nuisance as a label: k-NN by background photograph, on the same features.
+        def by_background(n, seed):
+            rows = silhouettes.samples_with_background(n, seed)
+            return [(key, photo, img) for key, _, photo, img in rows]
+
+        nuisance = (by_background(args.eval_images, 2), by_background(args.eval_images, 3))
 
     pool = [img for _, _, img in make(args.images, 1)]
     train, val = make(args.eval_images, 2), make(args.eval_images, 3)
@@ -116,7 +124,16 @@ def main() -> None:
         f"overrides: {' '.join(args.overrides) or '-'}; data {args.data}, background "
         f"{args.background}; raw-pixel k-NN@20 {raw_pixel_top1(train, val, size):.3f}"
     )
-    print(f"step     0  teacher k-NN@20 {knn_top1(teacher.backbone, train, val, size):.3f}")
+
+    def report() -> str:
+        text = f"teacher k-NN@20 {knn_top1(teacher.backbone, train, val, size):.3f}"
+        if nuisance:
+            text += f" (by background photo: {knn_top1(teacher.backbone, *nuisance, size):.3f})"
+        return text
+
+    if nuisance:
+        print(f"raw-pixel k-NN@20 by background photo {raw_pixel_top1(*nuisance, size):.3f}")
+    print(f"step     0  {report()}")
     start = time.perf_counter()
     for step in range(args.steps):
         values = schedules.at(step)
@@ -131,9 +148,8 @@ def main() -> None:
         optimizer.step()
         arch.update_teacher(student, teacher, values.momentum)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            acc = knn_top1(teacher.backbone, train, val, size)
             print(
-                f"step {step + 1:5d}  teacher k-NN@20 {acc:.3f}  dino {terms.dino.item():.3f} "
+                f"step {step + 1:5d}  {report()}  dino {terms.dino.item():.3f} "
                 f"ibot {terms.ibot.item():.3f} koleo {terms.koleo.item():.3f}  "
                 f"{time.perf_counter() - start:.0f} s",
                 flush=True,

@@ -106,8 +106,9 @@ def silhouette_mask(name: str, size: int, radius: float, centre: tuple[float, fl
     return mask.reduce(scale)
 
 
-def _background(rng: random.Random, size: int) -> Image.Image:
-    photo = rng.choice(photographs())
+def _background(rng: random.Random, size: int) -> tuple[Image.Image, int]:
+    index = rng.randrange(len(photographs()))
+    photo = photographs()[index]
     w, h = photo.size
     side = int(min(w, h) * rng.uniform(0.15, 0.8))
     left, top = rng.randint(0, w - side), rng.randint(0, h - side)
@@ -119,26 +120,35 @@ def _background(rng: random.Random, size: int) -> Image.Image:
     # A random hue rotation: a photo's colours do not give its crops away either.
     hsv = np.asarray(img.convert("HSV")).copy()
     hsv[..., 0] = (hsv[..., 0].astype(np.int32) + rng.randrange(256)) % 256
-    return Image.fromarray(hsv, "HSV").convert("RGB")
+    return Image.fromarray(hsv, "HSV").convert("RGB"), index
 
 
-def draw_silhouette(name: str, rng: random.Random, size: int = 64) -> Image.Image:
-    img = _background(rng, size)
+def draw_silhouette(name: str, rng: random.Random, size: int = 64) -> tuple[Image.Image, int]:
+    """(image, index of the photograph its background was cut from)."""
+    img, photo = _background(rng, size)
     radius = rng.uniform(0.17, 0.33) * size
     centre = (rng.uniform(radius, size - radius), rng.uniform(radius, size - radius))
     angle = math.radians(rng.uniform(-25, 25))
     mask = silhouette_mask(name, size, radius, centre, angle)
     colour = tuple(rng.randrange(256) for _ in range(3))
     img.paste(Image.new("RGB", (size, size), colour), mask=mask)
-    return img
+    return img, photo
 
 
 def samples(n: int, seed: int, size: int = 64) -> Iterator[tuple[str, int, Image.Image]]:
     """(key, label, image) for n images, classes in turn; the same seed gives the same set."""
+    for key, label, _, img in samples_with_background(n, seed, size):
+        yield key, label, img
+
+
+def samples_with_background(n: int, seed: int, size: int = 64):
+    """(key, label, background photograph index, image): the nuisance as a label too, to
+    measure how much of a backbone's k-NN is background."""
     rng = random.Random(seed)
     for i in range(n):
         label = i % len(CLASSES)
-        yield f"{seed:04d}{i:07d}", label, draw_silhouette(CLASSES[label], rng, size)
+        img, photo = draw_silhouette(CLASSES[label], rng, size)
+        yield f"{seed:04d}{i:07d}", label, photo, img
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -208,3 +208,26 @@ def test_shapes_backgrounds_are_grey_by_default_and_checked():
     assert any(len(set(pixel)) > 1 for pixel in coloured)
     with pytest.raises(ValueError, match="background"):
         draw_shape("circle", random.Random(0), 64, "blue")
+
+
+def test_silhouettes_are_deterministic_and_only_the_outline_is_shared():
+    import numpy as np
+
+    from pretrain.data import silhouettes
+
+    first = list(silhouettes.samples_with_background(30, seed=4))
+    again = list(silhouettes.samples(30, seed=4))
+    assert [k for k, *_ in first] == [k for k, *_ in again]
+    assert all(np.array_equal(np.asarray(a[-1]), np.asarray(b[-1])) for a, b in zip(first, again))
+    assert [label for _, label, _, _ in first] == [i % 10 for i in range(30)]
+    assert all(img.size == (64, 64) and img.mode == "RGB" for *_, img in first)
+    assert len({photo for _, _, photo, _ in first}) > 5  # backgrounds from many photographs
+    # Each class has its own outline: masks drawn at the same place and size differ pairwise.
+    masks = [np.asarray(silhouettes.silhouette_mask(name, 64, 20, (32, 32), 0.3)) > 127
+             for name in silhouettes.CLASSES]  # fmt: skip
+    for i in range(len(masks)):
+        for j in range(i + 1, len(masks)):
+            assert (masks[i] != masks[j]).mean() > 0.02, (
+                silhouettes.CLASSES[i],
+                silhouettes.CLASSES[j],
+            )
