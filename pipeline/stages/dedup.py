@@ -70,8 +70,12 @@ def find_duplicates(table: pa.Table, threshold: int) -> pa.Table:
             first_by_sha[sha] = i
     hashes = table["phash"].to_numpy(zero_copy_only=False).astype(np.uint64)
     if n and threshold >= 0:
-        for i, j, _ in zip(*near_pairs(hashes, threshold)):
-            a, b = root(int(i)), root(int(j))
+        # Byte copies share their hash: search one row per distinct sha256 only. A crawl where
+        # a picture sits behind many URLs would otherwise make every pair of copies a result
+        # row (a group of g copies gives g^2 of them), which is memory the driver need not hold.
+        reps = np.fromiter(sorted(first_by_sha.values()), dtype=np.int64, count=len(first_by_sha))
+        for i, j, _ in zip(*near_pairs(hashes[reps], threshold)):
+            a, b = root(int(reps[i])), root(int(reps[j]))
             if a != b:
                 parent[max(a, b)] = min(a, b)  # rows are key-sorted: the smaller key survives
     survivors = [root(i) for i in range(n)]

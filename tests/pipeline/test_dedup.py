@@ -64,3 +64,39 @@ def test_reason_is_the_relation_to_the_survivor_not_to_the_chain():
         "a", "near", 3)  # fmt: skip
     assert (by_key["c"]["duplicate_of"], by_key["c"]["reason"], by_key["c"]["distance"]) == (
         "a", "near", 3)  # fmt: skip
+
+
+def test_many_byte_copies_give_the_verdicts_of_an_all_pairs_union():
+    """Pictures behind many URLs (groups of byte copies) and near copies between groups: the
+    verdicts equal a brute-force union over every pair of rows (sha equal or pHash close)."""
+    rng = np.random.default_rng(5)
+    originals = rng.integers(0, 2**63, size=40, dtype=np.uint64)
+    originals[1::4] = originals[0::4] ^ np.uint64(0b101)  # near copies of other originals
+    rows = rng.integers(0, len(originals), size=400)  # each picture behind ~10 URLs
+    keys = [f"{i:05d}" for i in range(len(rows))]
+    shas = [f"sha{r}" for r in rows]
+    hashes = originals[rows]
+    table = pa.table({"key": keys, "sha256": shas, "phash": pa.array(hashes, pa.uint64())})
+    result = {r["key"]: r for r in find_duplicates(table, 4).to_pylist()}
+
+    parent = list(range(len(rows)))
+
+    def root(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    close = _brute_force(hashes, 4)
+    for i in range(len(rows)):
+        for j in range(i + 1, len(rows)):
+            if shas[i] == shas[j] or (i, j) in close:
+                a, b = root(i), root(j)
+                parent[max(a, b)] = min(a, b)
+    for i, key in enumerate(keys):
+        s = root(i)
+        expected = None if s == i else keys[s]
+        assert result[key]["duplicate_of"] == expected, key
+        if expected is not None:
+            reason = "exact" if shas[i] == shas[s] else "near"
+            assert result[key]["reason"] == reason, key
+    assert sum(r["reason"] == "near" for r in result.values()) > 0
