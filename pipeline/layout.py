@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,12 +196,6 @@ class RunLayout:
             "curate": [self.selection, self.seed_embed_dir],
             "write": [self.curated_shards_dir, self.curated_manifest, self.curated_summary],
         }[stage]
-
-
-def temp_name(path: Path) -> Path:
-    """A writer-unique temporary name beside ``path``: a stray task of a killed driver never
-    shares a temporary file with a task of the rerun."""
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 def clear_temporaries(directory: Path) -> None:

@@ -29,11 +29,11 @@ from ray.util import ActorPool
 from pipeline import plan
 from pipeline.config import CrawlConfig, EmbedConfig, PipelineConfig
 from pipeline.layout import RunLayout, clear_temporaries, shard_of_key, token
-from pipeline.shardio import read_stats, write_stats, write_text_atomic
+from pipeline.shardio import read_stats, write_stats
 from pipeline.sources import iter_shards
 from pipeline.stages.crawl import crawl_shard
 from pipeline.stages.dedup import run_dedup
-from pretrain.configtools import to_object
+from pretrain.configtools import atomic_write_text, to_object
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _collect_one(pending: dict[ray.ObjectRef, int], progress: Progress) -> None:
 def write_train_shard_list(layout: RunLayout, tars: list[Path]) -> None:
     """RUN/train_shards.txt: what `pretrain.train data.shards=RUN` reads."""
     lines = [str(Path(t).relative_to(layout.root)) for t in tars]
-    write_text_atomic("".join(f"{line}\n" for line in lines), layout.train_shard_list)
+    atomic_write_text(layout.train_shard_list, "".join(f"{line}\n" for line in lines))
 
 
 def _run_dedup(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous) -> dict:

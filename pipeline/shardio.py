@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,45 +17,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.layout import CRAWL_SCHEMA, temp_name
+from pipeline.layout import CRAWL_SCHEMA
+from pretrain.configtools import AtomicFile, atomic_write_text
 
 MANIFEST_SCHEMA = CRAWL_SCHEMA
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
-
-
-class AtomicFile:
-    """A file written under a writer-unique temporary name beside ``path``; ``commit`` fsyncs
-    it, renames it into place and fsyncs the directory, so after a crash or power loss the
-    file is either absent or whole (and a done marker, committed last, never outlives the
-    files it vouches for). ``abort`` removes the temporary. Every pipeline writer uses this.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = temp_name(self.path)
-
-    def commit(self) -> None:
-        with open(self.tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-
-    def abort(self) -> None:
-        self.tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> Path:
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
 
 
 class TarSink:
@@ -97,13 +62,8 @@ def write_npy_atomic(array: np.ndarray, path: Path) -> None:
         np.save(f, array)
 
 
-def write_text_atomic(text: str, path: Path) -> None:
-    with AtomicFile(path) as tmp:
-        Path(tmp).write_text(text)
-
-
 def write_stats(stats: dict, path: Path) -> None:
-    write_text_atomic(json.dumps(stats, indent=2, sort_keys=True, default=str) + "\n", path)
+    atomic_write_text(path, json.dumps(stats, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_stats(path: Path) -> dict:

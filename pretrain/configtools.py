@@ -110,20 +110,53 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+class AtomicFile:
+    """A file written under a writer-unique temporary name beside ``path`` (``.NAME.*.tmp``, so
+    a stray writer of a killed run never shares it with the rerun's); ``commit`` fsyncs it,
+    renames it into place and fsyncs the directory, so after a crash or power loss the file is
+    either absent or whole, and a done marker committed last never outlives the files it vouches
+    for. ``abort`` removes the temporary. Every writer of the project goes through this.
+
+        with AtomicFile(path) as tmp:      # committed on success, removed on an exception
+            pq.write_table(table, tmp)
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+        )
+        os.close(fd)
+        self.tmp = Path(tmp)
+
+    def commit(self) -> None:
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    def abort(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a file so that readers see either the old content or the new, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with AtomicFile(path) as tmp:
+        tmp.write_text(text)
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:

@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.layout import CRAWL_SCHEMA, DEDUP_SCHEMA, RunLayout
-from pipeline.shardio import write_parquet_atomic, write_text_atomic
+from pipeline.shardio import write_parquet_atomic
+from pretrain.configtools import atomic_write_text
 
 
 def load_successes(layout: RunLayout, columns: tuple[str, ...] = ("sha256", "phash")) -> pa.Table:
@@ -108,5 +109,5 @@ def run_dedup(layout: RunLayout, threshold: int) -> dict:
         "near_duplicates": reasons.count("near"),
         "phash_threshold": threshold,
     }
-    write_text_atomic(json.dumps(summary, indent=2) + "\n", layout.dedup_summary)
+    atomic_write_text(layout.dedup_summary, json.dumps(summary, indent=2) + "\n")
     return summary

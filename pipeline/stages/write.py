@@ -15,8 +15,8 @@ Keys: a sample selected once keeps its crawl key (``000030012``). A sample selec
 ``KEY_r{i}`` (``000030012_r1``). Every JSON carries ``source_key`` (the crawl key) and
 ``repeat_index`` (0 .. m-1), so a reader can always group the copies of one image.
 
-Crash safety: a shard is written under a temporary name (`pipeline.layout.temp_name`), fsynced and
-renamed, and its done marker is written after it; the marker of a shard being rewritten is
+Crash safety: a shard is written under a temporary name (`pretrain.configtools.AtomicFile`),
+fsynced and renamed, and its done marker is written after it; the marker of a shard being rewritten is
 removed first. A SIGKILL leaves at worst a temporary file or a tar without a marker:
 `clear_partial` (called by the driver before it launches the tasks) removes both, and the rerun
 writes the shards that have no valid marker (`shard_done`).

@@ -40,8 +40,6 @@ def photographs() -> tuple[Image.Image, ...]:
             array = getattr(skimage.data, name)()
         except Exception:  # a photo that would need a download: skip it
             continue
-        if name == "motorcycle_left":
-            array = array[..., :3] if array.ndim == 3 else array
         if array.dtype != np.uint8:
             array = array.astype(np.float64)
             array = (255 * (array - array.min()) / max(np.ptp(array), 1e-9)).astype(np.uint8)

@@ -102,7 +102,7 @@ def test_every_writer_is_atomic_and_leaves_nothing_behind_on_failure(tmp_path, m
 
     synced: list[str] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(shardio.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
     table = pa.table({"a": [1, 2]})
     shardio.write_parquet_atomic(table, tmp_path / "t.parquet")
     shardio.write_npy_atomic(np.arange(3), tmp_path / "a.npy")
