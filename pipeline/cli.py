@@ -5,6 +5,8 @@
         embed.checkpoint=dinov2_vitl14_pretrain.pth [stages=[embed,semdedup]] [redo=[semdedup]]
     python -m pipeline run ... --address ray://HEAD:10001     # or RAY_ADDRESS; local Ray otherwise
     python -m pipeline manifest {summary,shards,failures,validate,clusters} RUN [--json]
+    python -m pipeline manifest gallery RUN [--out PAGE.html]     # a static page of the curation
+    python -m pipeline fork RUN NEW_RUN --through cluster    # NEW_RUN reuses RUN's finished stages
 
 Every input problem (config, URL file, column, empty list, a stage's changed settings) is
 reported before Ray starts.
@@ -36,10 +38,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--address", default=None, help="Ray cluster address (else RAY_ADDRESS)")
     manifest = sub.add_parser("manifest", help="inspect a run directory")
     manifest.add_argument(
-        "action", choices=["summary", "shards", "failures", "validate", "clusters"]
+        "action", choices=["summary", "shards", "failures", "validate", "clusters", "gallery"]
     )
     manifest.add_argument("run_dir")
     manifest.add_argument("--json", action="store_true", help="machine-readable output")
+    manifest.add_argument("--out", default=None, help="gallery: the page (RUN/gallery/index.html)")
+    fork = sub.add_parser(
+        "fork", help="start a run directory from another's finished stages (hard links)"
+    )
+    fork.add_argument("run_dir")
+    fork.add_argument("new_run_dir")
+    fork.add_argument("--through", default="cluster", help="last stage to reuse (cluster)")
+    fork.add_argument("--exist-ok", action="store_true",
+                      help="succeed when NEW_RUN_DIR was already forked from those stages")  # fmt: skip
     return parser
 
 
@@ -133,6 +144,13 @@ def _manifest(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "crawl").is_dir():
         raise InputError(f"{run_dir} is not a run directory (no crawl/ inside)")
+    if args.action == "gallery":
+        from pipeline.gallery import gallery
+
+        report = gallery(run_dir, Path(args.out) if args.out else None)
+        print(json.dumps(report, indent=2) if args.json else f"gallery: {report['page']} "
+              f"({report['thumbnails']} thumbnails, {report['unreadable']} unreadable)")  # fmt: skip
+        return 0
     report = getattr(manifest, args.action)(run_dir)
     print(json.dumps(report, indent=2) if args.json else manifest.render(args.action, report))
     return 1 if args.action == "validate" and not report["ok"] else 0
@@ -145,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss").setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
     try:
+        if args.command == "fork":
+            stages = plan.fork_run(args.run_dir, args.new_run_dir, args.through, args.exist_ok)
+            print(f"{args.new_run_dir}: reuses {', '.join(stages)} of {args.run_dir}")
+            return 0
         return _run(args) if args.command == "run" else _manifest(args)
     except (ConfigError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -83,6 +83,10 @@ class SemDedupConfig:
     pq_m: int = 0  # >0: IVF-PQ with this many sub-quantizers (memory at scale)
     query_chunk: int = 65536  # queries per search call / Ray task
     use_gpu: bool = True  # FAISS on GPU when the machine has one
+    # Refuse a result where one component holds more than this share of a pool of at least
+    # 100 images: the embedder does not tell the images apart (collapsed, untrained, another
+    # domain) or the threshold is too low. 1.0 disables the check.
+    max_component_share: float = 0.5
 
 
 @dataclass

@@ -19,6 +19,7 @@ the run directory).
     RUN/clusters/levelT/{centroids,assignment,distances}.npy   per level (inputs: the kept
                                           pool for level 1, level T-1's centroids above)
     RUN/clusters/assignments.parquet      key, cluster_l1..lN, distance (to its level-1 centroid)
+    RUN/seeds/crawl/00000.*               the seed images, crawled like the pool
     RUN/embed/seeds/set00.*               the seed images, embedded like the pool
     RUN/curated/selection.parquet         key, selected_by, query_key, query_distance, multiplicity
     RUN/curated/shards/NNNNNN.tar         the training data (+ NNNNNN.done.json markers)
@@ -148,6 +149,7 @@ class RunLayout:
         self.clusters_dir = self.root / "clusters"
         self.assignments = self.clusters_dir / "assignments.parquet"
         self.seed_embed_dir = self.embed_dir / "seeds"
+        self.seed_crawl_dir = self.root / "seeds" / "crawl"
         self.curated_dir = self.root / "curated"
         self.selection = self.curated_dir / "selection.parquet"
         self.curated_shards_dir = self.curated_dir / "shards"
@@ -193,7 +195,7 @@ class RunLayout:
             "embed": [self.embed_dir],
             "semdedup": [self.semantic_parquet, self.semantic_summary],
             "cluster": [self.clusters_dir],
-            "curate": [self.selection, self.seed_embed_dir],
+            "curate": [self.selection, self.seed_embed_dir, self.seed_crawl_dir],
             "write": [self.curated_shards_dir, self.curated_manifest, self.curated_summary],
         }[stage]
 

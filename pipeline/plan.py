@@ -14,6 +14,7 @@ No Ray here: the CLI checks the plan before a cluster is touched.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from typing import Any
@@ -131,3 +132,60 @@ def is_done(state: dict | None, input_token: str | None = None) -> bool:
     if not state or state.get("state") != "done":
         return False
     return input_token is None or state.get("input_token") == input_token
+
+
+def fork_run(source: Any, dest: Any, through: str, exist_ok: bool = False) -> list[str]:
+    """Start run directory ``dest`` from ``source``'s finished stages up to ``through``: their
+    outputs are hard-linked (copied across file systems) and their states copied, so that
+    ``dest`` runs the later stages with other settings while ``source`` stays as it is (an
+    ablation: another curation of the same embeddings). Finished files are never rewritten in
+    place (every writer renames a new file over the old), so the links cannot leak changes.
+    ``exist_ok``: a ``dest`` already forked from the same finished stages is left as it is."""
+    src, dst = RunLayout(source), RunLayout(dest)
+    if through not in STAGE_NAMES:
+        raise ConfigError(f"fork: unknown stage {through!r}; stages are {STAGE_NAMES}")
+    stages = list(STAGE_NAMES[: STAGE_NAMES.index(through) + 1])
+    for stage in stages:
+        state = read_state(src, stage)
+        if not state or state.get("state") != "done":
+            raise ConfigError(f"fork: {src.root} has no finished {stage!r} stage to start from")
+    if dst.root.exists() and any(dst.root.iterdir()):
+        if exist_ok and all(read_state(dst, s) == read_state(src, s) for s in stages):
+            return stages
+        raise ConfigError(
+            f"fork: {dst.root} exists and is not empty"
+            + (" (and holds other stages than the source's)" if exist_ok else "")
+        )
+    later = {p for stage in STAGE_NAMES[len(stages) :] for p in src.stage_dirs(stage)}
+    dst.stages_dir.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        for path in src.stage_dirs(stage):
+            if path.exists() and path != src.train_shard_list:
+                _link_tree(path, dst.root / path.relative_to(src.root), later)
+        shutil.copy2(src.stage_file(stage), dst.stage_file(stage))
+    if src.config.exists():
+        shutil.copy2(src.config, dst.config)
+    if "crawl" in stages and "write" not in stages:  # train on the crawl until dest writes
+        from pipeline.shardio import write_train_shard_list
+
+        write_train_shard_list(dst, [s.tar for s in dst.crawl_done()])
+    elif src.train_shard_list.exists():
+        shutil.copy2(src.train_shard_list, dst.train_shard_list)
+    return stages
+
+
+def _link_tree(path: Any, target: Any, skip: set) -> None:
+    if path in skip:
+        return
+    if path.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        for child in sorted(path.iterdir()):
+            if child.name.startswith(".") and child.name.endswith(".tmp"):
+                continue  # a half-written file of a killed run
+            _link_tree(child, target / child.name, skip)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(path, target)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(path, target)

@@ -29,11 +29,11 @@ from ray.util import ActorPool
 from pipeline import plan
 from pipeline.config import CrawlConfig, EmbedConfig, PipelineConfig
 from pipeline.layout import RunLayout, clear_temporaries, shard_of_key, token
-from pipeline.shardio import read_stats, write_stats
+from pipeline.shardio import read_stats, write_stats, write_train_shard_list
 from pipeline.sources import iter_shards
 from pipeline.stages.crawl import crawl_shard
 from pipeline.stages.dedup import run_dedup
-from pretrain.configtools import atomic_write_text, to_object
+from pretrain.configtools import to_object
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +164,6 @@ def _collect_one(pending: dict[ray.ObjectRef, int], progress: Progress) -> None:
         progress.failed_shards.append(index)
 
 
-def write_train_shard_list(layout: RunLayout, tars: list[Path]) -> None:
-    """RUN/train_shards.txt: what `pretrain.train data.shards=RUN` reads."""
-    lines = [str(Path(t).relative_to(layout.root)) for t in tars]
-    atomic_write_text(layout.train_shard_list, "".join(f"{line}\n" for line in lines))
-
-
 def _run_dedup(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous) -> dict:
     input_token = _crawl_token(layout)
     if plan.is_done(previous, input_token) and layout.dedup_parquet.exists():
@@ -251,7 +245,7 @@ def _run_embed(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
     """Embed every crawl shard whose done marker is missing or was computed from other inputs."""
     layout.embed_dir.mkdir(parents=True, exist_ok=True)
     clear_temporaries(layout.embed_dir)
-    settings = plan.stage_settings(cfg, "embed")
+    settings = embed_identity(cfg)
     drops = _dedup_drops(layout)
     jobs, skipped = [], 0
     for shard in layout.crawl_done():
@@ -272,6 +266,22 @@ def _run_embed(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
                  images / max(time.time() - started, 1e-9))  # fmt: skip
     return {"embedded_shards": len(jobs), "skipped_shards": skipped, "images": images,
             "undecodable": failures, "backbone": backbone}  # fmt: skip
+
+
+def embed_identity(cfg: PipelineConfig) -> dict:
+    """What an embedding was computed from: the embed settings and the SHA-256 of the weights
+    file. A backbone retrained in place (same embed.checkpoint path, new weights) thus
+    re-embeds everything, and the later stages follow, rather than mixing two models."""
+    from pretrain.models.loading import file_sha256, weights_file
+
+    weights = weights_file(cfg.embed.checkpoint)
+    key = (str(weights.resolve()), weights.stat().st_mtime_ns, weights.stat().st_size)
+    if key not in _WEIGHTS_SHA:
+        _WEIGHTS_SHA[key] = file_sha256(weights)
+    return {**plan.stage_settings(cfg, "embed"), "weights_sha256": _WEIGHTS_SHA[key]}
+
+
+_WEIGHTS_SHA: dict[tuple, str] = {}
 
 
 def _dedup_drops(layout: RunLayout) -> dict[int, set[str]]:
@@ -357,7 +367,7 @@ def _embed_eval_sets(cfg: PipelineConfig, layout: RunLayout) -> list:
         return []
     layout.eval_embed_dir.mkdir(parents=True, exist_ok=True)
     clear_temporaries(layout.eval_embed_dir)
-    settings = plan.stage_settings(cfg, "embed")
+    settings = embed_identity(cfg)
     parts, jobs = [], []
     for i, spec in enumerate(cfg.decontaminate.sets):
         listing = [(p, os.path.getsize(p)) for p, _ in eval_set_files(spec)]

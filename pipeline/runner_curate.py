@@ -168,6 +168,9 @@ def run_curate(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
                                                exclude=np.nonzero(multiplicity > 0)[0])  # fmt: skip
             selected_by[idx], multiplicity[idx] = "balanced", mult
             info["balanced"] = {k: v for k, v in binfo.items() if np.isscalar(v)}
+    if info["mode"] == "random":
+        rows = cu.uniform_sample(n, ccfg.target_size, ccfg.seed)
+        selected_by[rows], multiplicity[rows] = "random", 1
     chosen = np.nonzero(multiplicity > 0)[0]
     columns = {
         "key": [keys[i] for i in chosen],
@@ -185,7 +188,7 @@ def run_curate(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
     write_parquet_atomic(_selection_table(columns, len(levels)), layout.selection)
     info.update(selected=int(len(columns["key"])), samples=int(sum(columns["multiplicity"])),
                 by_mode={m: int(multiplicity[selected_by == m].sum())
-                         for m in ("retrieval", "cluster_retrieval", "balanced")})  # fmt: skip
+                         for m in ("retrieval", "cluster_retrieval", "balanced", "random")})  # fmt: skip
     log.info("curate: %s", info)
     return {**info, "input_token": input_token}
 
@@ -275,7 +278,7 @@ def seed_shard(layout: RunLayout):
     """The seed set in crawl format: RUN/seeds/crawl/00000.{tar,parquet,stats.json}."""
     from pipeline.layout import crawl_shard_files
 
-    return crawl_shard_files(layout.root / "seeds" / "crawl", 0)
+    return crawl_shard_files(layout.seed_crawl_dir, 0)
 
 
 def _crawl_seeds(cfg: PipelineConfig, layout: RunLayout) -> None:
@@ -307,7 +310,7 @@ def _crawl_seeds(cfg: PipelineConfig, layout: RunLayout) -> None:
 def _embed_seeds(cfg: PipelineConfig, layout: RunLayout) -> list:
     """Embed the seed set once (RUN/embed/seeds/set00) with the pool's model: it is a crawl
     shard by then, embedded exactly as the pool's shards are."""
-    from pipeline.runner import on_embedders
+    from pipeline.runner import embed_identity, on_embedders
 
     if not cfg.curate.seeds:
         return []
@@ -315,7 +318,7 @@ def _embed_seeds(cfg: PipelineConfig, layout: RunLayout) -> list:
     clear_temporaries(layout.seed_embed_dir)
     _crawl_seeds(cfg, layout)
     shard = seed_shard(layout)
-    tok = token(plan.stage_settings(cfg, "embed"), cfg.curate.seeds, shard.stats.read_text())
+    tok = token(embed_identity(cfg), cfg.curate.seeds, shard.stats.read_text())
     part = layout.embed_part("set00", seeds=True)
     if not (part.done.exists() and read_stats(part.done).get("token") == tok):
         for marker, _ in on_embedders(cfg, "embed_shard", [(shard, set(), part, tok)]):
@@ -376,7 +379,7 @@ def run_write(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous)
     tars = [layout.curated_shard(i) for i in range(len(shards))]
     manifest = _manifest_table(layout, shards, fields)
     write_parquet_atomic(manifest, layout.curated_manifest)
-    from pipeline.runner import write_train_shard_list
+    from pipeline.shardio import write_train_shard_list
 
     write_train_shard_list(layout, tars)
     summary = curation_summary(layout, manifest, tars)

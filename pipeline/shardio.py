@@ -85,3 +85,10 @@ def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             files[ext] = tar.extractfile(member).read()
         if key is not None:
             yield key, files
+
+
+def write_train_shard_list(layout, tars: list[Path]) -> None:
+    """RUN/train_shards.txt (``layout`` a ``RunLayout``): what `pretrain.train data.shards=RUN`
+    reads, one tar path per line relative to the run directory."""
+    lines = [str(Path(t).relative_to(layout.root)) for t in tars]
+    atomic_write_text(layout.train_shard_list, "".join(f"{line}\n" for line in lines))

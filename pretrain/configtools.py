@@ -110,6 +110,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+_UMASK = os.umask(0)  # read once, at import (single-threaded): os.umask can only set it
+os.umask(_UMASK)
+
+
 class AtomicFile:
     """A file written under a writer-unique temporary name beside ``path`` (``.NAME.*.tmp``, so
     a stray writer of a killed run never shares it with the rerun's); ``commit`` fsyncs it,
@@ -128,6 +132,9 @@ class AtomicFile:
             dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
         )
         os.close(fd)
+        # mkstemp creates 0600; the file gets what a plain open() would give (shared storage:
+        # other users and a cluster's other accounts read the shards)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         self.tmp = Path(tmp)
 
     def commit(self) -> None:

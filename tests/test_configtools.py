@@ -54,3 +54,17 @@ def test_yaml_is_loaded_safely(tmp_path):
     f.write_text("output_dir: !!python/object/apply:os.system ['true']\n")
     with pytest.raises(ConfigError):
         load_config(Outer, f)
+
+
+def test_atomic_file_gets_the_umask_mode_not_mkstemp_0600(tmp_path):
+    """Shards on shared storage must be readable by the cluster's other accounts."""
+    import os
+
+    from pretrain.configtools import _UMASK, AtomicFile, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    with AtomicFile(tmp_path / "b.bin") as tmp:
+        tmp.write_bytes(b"y")
+    for name in ("a.txt", "b.bin"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~_UMASK
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -55,6 +55,7 @@ STAGES: tuple[Stage, ...] = (
             "semdedup.ivf_nlist",
             "semdedup.ivf_nprobe",
             "semdedup.pq_m",
+            "semdedup.max_component_share",
             "decontaminate",
         ),
     ),

@@ -10,7 +10,9 @@ these). As DINOv2 selects LVD-142M, and Vo et al. balance it:
   ``min_seeds_per_cluster`` seed images gives up to ``per_cluster`` of its images (the closest
   to its centroid first), clusters with the most seeds first, ``max_per_seed_set`` in all;
 - balanced hierarchical sampling (``pipeline.stages.sampling``) fills the selection up to
-  ``target_size``, never picking a retrieved image again.
+  ``target_size``, never picking a retrieved image again;
+- ``mode=random``: a uniform sample of ``target_size`` pool images, the control that tells
+  whether curation beats no curation at the same size.
 
 The pool is every embedded sample that semantic dedup keeps; rows here are pool rows.
 """
@@ -24,7 +26,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "retrieval", "balanced", "both")
+MODES = ("auto", "retrieval", "balanced", "both", "random")
 REFINE = 8  # IVF-PQ retrieval: candidates per wanted neighbour, re-ranked exactly
 RETRIEVALS = ("auto", "sample", "cluster")
 
@@ -66,6 +68,8 @@ def check_curate_config(cfg) -> None:
         raise ValueError("curate.mode=retrieval needs curate.seeds (a folder or tar glob)")
     if mode == "balanced" and cfg.target_size < 1:
         raise ValueError("curate.target_size must be >= 1 for balanced sampling (no seeds given)")
+    if mode == "random" and cfg.target_size < 1:
+        raise ValueError("curate.mode=random needs curate.target_size >= 1")
 
 
 def resolved_mode(cfg) -> str:
@@ -75,6 +79,12 @@ def resolved_mode(cfg) -> str:
     if cfg.seeds:
         return "both" if cfg.target_size else "retrieval"
     return "balanced"
+
+
+def uniform_sample(n: int, size: int, seed: int) -> np.ndarray:
+    """``min(size, n)`` distinct pool rows drawn uniformly (sorted), reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=min(size, n), replace=False))
 
 
 def retrieval_kind(cfg, n_seeds: int) -> str:

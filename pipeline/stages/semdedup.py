@@ -69,6 +69,10 @@ def check_semdedup_config(cfg) -> None:
     for name in ("ivf_nlist", "pq_m"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"semdedup.{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 < cfg.max_component_share <= 1:
+        raise ValueError(
+            f"semdedup.max_component_share must be in (0, 1], got {cfg.max_component_share}"
+        )
 
 
 def check_decontaminate_config(cfg) -> None:
@@ -424,6 +428,7 @@ def semantic_dedup(
         )
     seconds["search"], t = time.perf_counter() - t, time.perf_counter()
     labels = components(n, rows, cols)
+    check_spread(labels, cfg)
     survivors = pick_survivors(labels, keys, areas)
     dropped = np.nonzero(survivors != np.arange(n))[0]
     survivor_sim = np.full(n, np.nan, np.float32)
@@ -441,6 +446,22 @@ def semantic_dedup(
     seconds["table"] = time.perf_counter() - t
     counts.update(edges=len(rows), eval_images=sum(p.shape[0] for p in eval_parts))
     return table, _summary(table, labels, cfg, n, index, counts, seconds)
+
+
+def check_spread(labels: np.ndarray, cfg) -> None:
+    """ValueError when one component swallows more than ``cfg.max_component_share`` of a pool
+    of at least 100 images: chaining through a continuum of look-alike features, which a
+    collapsed or untrained embedder (every CLS alike) or a too low threshold gives."""
+    n = len(labels)
+    largest = int(np.bincount(labels).max()) if n else 0
+    if n >= 100 and largest > cfg.max_component_share * n:
+        raise ValueError(
+            f"semantic dedup: one component holds {largest} of the {n} images at "
+            f"semdedup.threshold={cfg.threshold}, above semdedup.max_component_share="
+            f"{cfg.max_component_share}: the embedder does not tell these images apart "
+            f"(collapsed or untrained? check embed.checkpoint) or the threshold is too low. "
+            f"Rerun with redo=[semdedup] and a higher semdedup.threshold, or another embedder"
+        )
 
 
 def check_inputs(parts, keys, areas, cfg, eval_parts, eval_keys, decon_threshold):

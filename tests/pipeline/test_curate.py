@@ -243,6 +243,121 @@ def test_curated_shards(curated_run, seeds_dir, tmp_path):
     assert len((train / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_fork_then_a_random_control_of_the_same_size(curated_run, eval_dir, ray_address, tmp_path):
+    """`pipeline fork` reuses the finished stages by hard link; curate.mode=random in the fork
+    draws TARGET distinct kept images uniformly, and the source run is left as it was."""
+    urls, out, _ = curated_run
+    layout, fork = RunLayout(out), RunLayout(tmp_path / "random")
+    selection_before = layout.selection.read_bytes()
+    forked = _cli("fork", str(out), str(fork.root), "--through", "cluster")
+    assert forked.returncode == 0, forked.stderr[-3000:]
+    for shard in layout.crawl_done():
+        assert os.stat(shard.tar).st_ino == os.stat(fork.crawl_shard(shard.index).tar).st_ino
+    assert sorted(p.name for p in fork.stages_dir.iterdir()) == [
+        f"{s}.json" for s in sorted(["crawl", "dedup", "embed", "semdedup", "cluster"])
+    ]
+    assert not fork.seed_embed_dir.exists() and not fork.curated_dir.exists()
+    assert fork.train_shard_list.read_text().split() == [
+        f"crawl/{s.tar.name}" for s in layout.crawl_done()
+    ]
+    assert _cli("fork", str(out), str(fork.root)).returncode == 2  # not empty
+    assert _cli("fork", str(out), str(fork.root), "--exist-ok").returncode == 0
+    assert _cli("fork", str(out), str(tmp_path / "x"), "--through", "nope").returncode == 2
+
+    run = _cli(*_args(urls, fork.root, "stages=[curate,write]", "curate.mode=random",
+                      "curate.include_seeds=false", f"decontaminate.sets=[{eval_dir}]"),
+               address=ray_address)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    selection = pq.read_table(fork.selection).to_pylist()
+    kept = {r["key"] for r in pq.read_table(layout.semantic_parquet).to_pylist()
+            if r["reason"] is None}  # fmt: skip
+    assert len(selection) == TARGET and {r["selected_by"] for r in selection} == {"random"}
+    assert len({r["key"] for r in selection}) == TARGET and {r["key"] for r in selection} <= kept
+    from pipeline.stages.curate import uniform_sample
+
+    pool_keys = pq.read_table(fork.assignments)["key"].to_pylist()
+    rows = uniform_sample(len(pool_keys), TARGET, 0)
+    assert sorted(r["key"] for r in selection) == sorted(pool_keys[i] for i in rows)
+    check = json.loads(_cli("manifest", "validate", str(fork.root), "--json").stdout)
+    assert check["ok"] and check["curated_samples"] == TARGET
+    assert layout.selection.read_bytes() == selection_before
+    assert all(os.stat(shard.tar).st_nlink == 2 for shard in layout.crawl_done())
+
+
+@pytest.fixture(scope="module")
+def gallery(curated_run, tmp_path_factory):
+    page = tmp_path_factory.mktemp("gallery") / "index.html"
+    made = _cli("manifest", "gallery", str(curated_run[1]), "--out", str(page), "--json")
+    assert made.returncode == 0, made.stderr[-3000:]
+    return page, json.loads(made.stdout)
+
+
+def test_gallery_page(curated_run, gallery):
+    """The gallery: one self-contained page; every thumbnail a decodable JPEG data URI; the
+    seeds' retrieved neighbours and the semantic-duplicate groups are the run's own."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    urls, out, _ = curated_run
+    page, report = gallery
+    text = page.read_text()
+    sources = re.findall(r'<img src="([^"]+)"', text)
+    assert len(sources) == report["thumbnails"] > 10 and report["unreadable"] == 0
+    assert len(set(sources)) == report["distinct"]
+    assert "http" not in "".join(sources) and "<script" not in text  # nothing to fetch
+    for uri in set(sources):
+        assert uri.startswith("data:image/jpeg;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as img:
+            img.load()
+            assert max(img.size) <= 112
+    layout = RunLayout(out)
+    selection = pq.read_table(layout.selection).to_pylist()
+    seeds = {r["query_key"] for r in selection if r["selected_by"] == "retrieval"}
+    assert text.count("figcaption>seed<") == min(6, len(seeds))
+    semantic = pq.read_table(layout.semantic_parquet).to_pylist()
+    groups = {r["duplicate_of"] for r in semantic if r["reason"] == "semantic"}
+    assert f"{len(groups)} groups with copies" in text
+    assert text.count("figcaption>kept<") == min(6, len(groups))
+    levels = [
+        c for c in pq.read_table(layout.assignments).column_names if c.startswith("cluster_l")
+    ]
+    for column in levels:
+        assert f"{column}: " in text
+
+
+def test_gallery_in_chromium(gallery):
+    """In Debian's Chromium (headless, through Playwright) when both are installed (`make
+    test-browser` installs them): every thumbnail decodes (naturalWidth > 0), no console
+    error, and a screenshot beside the page. Skipped, saying so, where they are not."""
+    page, report = gallery
+    screenshot = page.with_suffix(".png")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        chromium = None
+    if not chromium:
+        pytest.skip("no Chromium + Playwright here: `make test-browser` installs them")
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])  # fmt: skip
+        tab = browser.new_page()
+        tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        tab.on("pageerror", lambda e: errors.append(str(e)))
+        tab.goto(page.resolve().as_uri(), wait_until="load")
+        widths = tab.evaluate("[...document.images].map(i => i.complete ? i.naturalWidth : 0)")
+        tab.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    assert len(widths) == report["thumbnails"] and all(w > 0 for w in widths), widths
+    assert not errors, errors
+    assert screenshot.stat().st_size > 10_000
+
+
 def test_rerun_skips_and_changed_settings_are_refused(curated_run, eval_dir, seeds_dir,
                                                       ray_address):  # fmt: skip
     urls, out, _ = curated_run

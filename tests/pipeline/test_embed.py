@@ -143,3 +143,30 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
         Embedder(EmbedConfig(checkpoint=str(not_a_vit)))
     with pytest.raises(FileNotFoundError):
         Embedder(EmbedConfig(checkpoint=str(tmp_path / "nope.pth")))
+
+
+def test_embed_identity_follows_the_weights_not_only_the_path(tmp_path):
+    """A backbone retrained in place (same embed.checkpoint, new weights) must not reuse the
+    old embeddings: the identity that every embed done marker is tokened with carries the
+    weights' SHA-256."""
+    import os
+    import shutil
+
+    from pipeline.config import PipelineConfig
+    from pipeline.runner import embed_identity
+    from pretrain.configtools import load_config
+    from pretrain.models.loading import EXPORT_NAME, file_sha256
+
+    run = tmp_path / "train"
+    run.mkdir()
+    weights = run / EXPORT_NAME
+    shutil.copy(FIXTURE, weights)
+    cfg = load_config(PipelineConfig, None, ["output_dir=x", f"embed.checkpoint={run}"])
+    first = embed_identity(cfg)
+    assert first["weights_sha256"] == file_sha256(FIXTURE)
+    assert first["embed.checkpoint"] == str(run)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # "retrained": other bytes, same path
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(1, 1))
+    assert embed_identity(cfg)["weights_sha256"] != first["weights_sha256"]

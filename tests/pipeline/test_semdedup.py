@@ -339,3 +339,22 @@ def test_knn_fallback_counts_eval_images_beyond_its_cap(monkeypatch):
     assert summary["eval_saturated_queries"] == 1 and summary["eval_pairs"] >= 64
     dropped = {r for r, reason in enumerate(table.column("reason").to_pylist()) if reason == "eval"}
     assert dropped == set(touched_groups[0]) | set(touched_groups[1])
+
+
+def test_a_collapsed_embedder_is_refused_not_merged_into_one_image():
+    """Every CLS alike (a collapsed or untrained backbone): one component would swallow the
+    pool. The stage refuses, naming the threshold and the check, unless told otherwise."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(32)
+    x = unit(base + 0.05 * rng.standard_normal((150, 32)))  # pairwise cosine ~0.99
+    keys = [f"{i:09d}" for i in range(150)]
+    areas = np.ones(150)
+    with pytest.raises(ValueError, match=r"holds 150 of the 150 images.*max_component_share"):
+        sd.semantic_dedup([x], keys, areas, config())
+    table, summary = sd.semantic_dedup([x], keys, areas, config(max_component_share=1.0))
+    assert summary["kept"] == 1 and summary["largest_component"] == 150
+    # A real pool with planted groups stays far below the share.
+    pool, pkeys, pareas, _ = make_pool(300)
+    assert sd.semantic_dedup([pool], pkeys, pareas, config(max_component_share=0.05))[1]["kept"]
+    with pytest.raises(ValueError, match="max_component_share must be in"):
+        sd.check_semdedup_config(config(max_component_share=0))
