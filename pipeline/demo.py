@@ -49,8 +49,8 @@ def crawl_overrides(output_dir: Path, shard_size: int) -> list[str]:
             f"crawl.shard_size={shard_size}", "crawl.allow_private_networks=true"]  # fmt: skip
 
 
-def write_domain_sets(output_dir: Path, seed: int, n_seeds: int = 10, n_train: int = 30,
-                      n_val: int = 15) -> dict[str, int]:  # fmt: skip
+def write_domain_sets(output_dir: Path, seed: int, n_seeds: int = 10, n_train: int = 60,
+                      n_val: int = 60) -> dict[str, int]:  # fmt: skip
     """Held-aside crops of SEED_PHOTOS: DIR/seeds/*.jpg and DIR/eval/{train,val}/<photo>/*.jpg
     (per photograph). Another random stream than the web's, so none is one of its images."""
     rng = random.Random(10_000 + seed)

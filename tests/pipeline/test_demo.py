@@ -54,7 +54,7 @@ def test_demo_crawls_the_simulated_web_on_local_ray(demo_dir):
     assert seen == 32
     # Beside the web: held-aside seed images and a labelled eval set of the seed domain.
     assert len(list((demo_dir / "seeds").glob("*.jpg"))) == 10 * len(SEED_PHOTOS)
-    for split, n in (("train", 30), ("val", 15)):
+    for split, n in (("train", 60), ("val", 60)):
         folders = sorted(p.name for p in (demo_dir / "eval" / split).iterdir())
         assert folders == sorted(SEED_PHOTOS)
         assert all(len(list((demo_dir / "eval" / split / f).glob("*.jpg"))) == n for f in folders)
