@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageDraw, ImageEnhance
 
 from pipeline.config import CrawlConfig
 from pipeline.imaging import process_image
@@ -93,22 +93,53 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
     return out.getvalue()
 
 
+def random_scene(rng: random.Random) -> Image.Image:
+    """A generated picture no other call repeats: a two-colour gradient at a random angle, 4-8
+    filled shapes (ellipses, rectangles, polygons) of random colours, sizes and places, pixel
+    noise; 320-640 px. Two scenes share no content, unlike two crops of one photograph: the
+    "distinct images" of a copy-detection check."""
+    w, h = rng.randint(320, 640), rng.randint(320, 640)
+    angle = rng.uniform(0, np.pi)
+    yy, xx = np.mgrid[0:h, 0:w]
+    t = (np.cos(angle) * xx / w + np.sin(angle) * yy / h + 1) / 3
+    c0, c1 = (np.array([rng.randint(0, 255) for _ in range(3)], np.float64) for _ in range(2))
+    array = c0 + (c1 - c0) * t[..., None]
+    img = Image.fromarray(array.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.randint(4, 8)):
+        colour = tuple(rng.randint(0, 255) for _ in range(3))
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        rx, ry = rng.uniform(0.05, 0.3) * w, rng.uniform(0.05, 0.3) * h
+        kind = rng.choice(("ellipse", "rectangle", "polygon"))
+        if kind == "polygon":
+            points = [(cx + rx * np.cos(a), cy + ry * np.sin(a))
+                      for a in sorted(rng.uniform(0, 2 * np.pi) for _ in range(rng.randint(3, 7)))]  # fmt: skip
+            draw.polygon(points, fill=colour)
+        else:
+            getattr(draw, kind)((cx - rx, cy - ry, cx + rx, cy + ry), fill=colour)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 6, (h, w, 3))
+    return Image.fromarray((np.asarray(img, np.float64) + noise).clip(0, 255).astype(np.uint8))
+
+
 def build_web(n_images: int, seed: int = 0, n_exact: int = 0, n_near: int = 0, n_broken: int = 0,
               crawl: CrawlConfig | None = None, min_distance: int = 12,
-              n_semantic: int = 0) -> SimWeb:  # fmt: skip
+              n_semantic: int = 0, scenes: bool = False) -> SimWeb:  # fmt: skip
     """Distinct images (pHash at least ``min_distance`` bits apart after the crawl's resize),
     plus planted duplicates and broken URLs. ``n_semantic`` originals (from the middle of the
     list) get two semantic copies each: one cropped and colour-shifted, one rescaled and
-    re-encoded at low quality, both mirrored or not alike."""
+    re-encoded at low quality, both mirrored or not alike. The images are random crops of the
+    bundled photographs, or with ``scenes`` generated pictures (``random_scene``, source
+    "scene")."""
     crawl = crawl or CrawlConfig()
     rng = random.Random(seed)
-    photos = load_named_photos()
+    photos = [("scene", None)] if scenes else load_named_photos()
     images: dict[str, bytes] = {}
     sources: dict[str, str] = {}
     hashes: list[int] = []
     while len(images) < n_images:
         name, photo = rng.choice(photos)
-        data = _jpeg(_random_image(photo, rng), rng.randint(80, 95))
+        picture = random_scene(rng) if scenes else _random_image(photo, rng)
+        data = _jpeg(picture, rng.randint(80, 95))
         h = process_image(data, crawl).phash
         if hashes and _min_hamming(h, hashes) < min_distance:
             continue  # too close to one already made: it would be an accidental near duplicate

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -164,19 +163,15 @@ def save_dinov2_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in dinov2_state_dict(model).items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    from pretrain.configtools import AtomicFile
+
+    with AtomicFile(path) as tmp:  # fsynced, renamed into place, the umask's mode
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(state, tmp)
+            save_file(state, str(tmp))
         else:
             torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def dinov2_arch_from_state_dict(state: Mapping[str, Tensor]) -> dict:
