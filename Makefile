@@ -54,7 +54,8 @@ DEMO_TARGET ?= 400
 DEMO_SEMDEDUP ?= $(if $(EMBEDDER),0.9,0.999)
 EMBEDDER ?=
 DEMO_RUN := $(DEMO_DIR)/run
-DEMO_CRAWL = input.urls=$(DEMO_DIR)/urls.parquet crawl.shard_size=500 \
+DEMO_SHARD ?= 500
+DEMO_CRAWL = input.urls=$(DEMO_DIR)/urls.parquet crawl.shard_size=$(DEMO_SHARD) \
 	crawl.allow_private_networks=true
 DEMO_EMBED = $(if $(EMBEDDER),embed.checkpoint=$(EMBEDDER) embed.image_size=224,\
 	embed.checkpoint=$(DEMO_DIR)/round0 embed.image_size=64)
@@ -67,7 +68,8 @@ DEMO_KNN = $(PY) -m pretrain.eval knn --ks 10,20 --train $(DEMO_DIR)/eval/train 
 	--val $(DEMO_DIR)/eval/val
 demo: setup  ## the whole flow: crawl, bootstrap embedder, curate on Ray, pretrain on it vs random
 	@echo "== 1. simulated web, seed and eval sets; crawl + exact/pHash dedup on local Ray"
-	$(PY) -m pipeline.demo crawl --output-dir $(DEMO_DIR) --images $(DEMO_IMAGES)
+	$(PY) -m pipeline.demo crawl --output-dir $(DEMO_DIR) --images $(DEMO_IMAGES) \
+	    --shard-size $(DEMO_SHARD)
 	@echo "== 2. round 0: the bootstrap embedder$(if $(EMBEDDER),: $(EMBEDDER), pretrained on the raw crawl)"
 	$(if $(EMBEDDER),@true,$(DEMO_TRAIN) data.shards=$(DEMO_RUN) output_dir=$(DEMO_DIR)/round0)
 	@echo "== 3. curate: embed, semantic dedup, k-means, retrieval + balanced sampling, shards"

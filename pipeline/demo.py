@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from pipeline import manifest, plan
 from pipeline.cli import prepare_run
 from pipeline.layout import RunLayout
-from pipeline.simweb import ImageServer, _jpeg, _random_image, build_web, load_named_photos
+from pipeline.simweb import ImageServer, build_web, load_named_photos, photo_crop_jpeg
 from pretrain.configtools import atomic_write_text
 
 log = logging.getLogger("pipeline.demo")
@@ -44,9 +44,10 @@ SEED_PHOTOS = ("brick", "grass", "gravel", "coins")
 
 
 def crawl_overrides(output_dir: Path, shard_size: int) -> list[str]:
-    """The input and crawl settings every later pipeline call on DIR/run must repeat."""
-    return [f"input.urls={output_dir / 'urls.parquet'}", f"output_dir={output_dir / 'run'}",
-            f"crawl.shard_size={shard_size}", "crawl.allow_private_networks=true"]  # fmt: skip
+    """The input and crawl settings every later pipeline call on DIR/run must repeat (the
+    Makefile's DEMO_CRAWL spells the same)."""
+    return [f"input.urls={output_dir / 'urls.parquet'}", f"crawl.shard_size={shard_size}",
+            "crawl.allow_private_networks=true"]  # fmt: skip
 
 
 def write_domain_sets(output_dir: Path, seed: int, n_seeds: int = 10, n_train: int = 60,
@@ -66,7 +67,7 @@ def write_domain_sets(output_dir: Path, seed: int, n_seeds: int = 10, n_train: i
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 path = folder / (f"{name}-{i:03d}.jpg" if count == "seeds" else f"{i:03d}.jpg")
-                data = _jpeg(_random_image(photos[name], rng), 90)
+                data = photo_crop_jpeg(photos[name], rng)
                 if not path.exists():  # a rerun keeps what the curation already embedded
                     path.write_bytes(data)
                 counts[count] += 1
@@ -104,7 +105,8 @@ def run_crawl(output_dir: Path, images: int = 1500, seed: int = 0, shard_size: i
             ),
             output_dir / "urls.parquet",
         )
-        overrides = crawl_overrides(output_dir, shard_size) + ["stages=[crawl,dedup]"]
+        overrides = crawl_overrides(output_dir, shard_size) + [
+            f"output_dir={run_dir}", "stages=[crawl,dedup]"]  # fmt: skip
         cfg, total = prepare_run(str(CONFIG), overrides)
         from pretrain.configtools import save_config
 
@@ -153,17 +155,7 @@ def report(output_dir: Path) -> dict:
     run, control = output_dir / "run", output_dir / "random"
     out: dict = {"seed_photos": list(SEED_PHOTOS)}
     summary = manifest.summary(run)
-    sem = summary.get("semdedup", {})
-    out["counts"] = {
-        "urls": summary["rows"],
-        "fetched": summary["by_status"].get("success", 0),
-        "exact_duplicates": summary.get("dedup", {}).get("exact_duplicates"),
-        "near_duplicates": summary.get("dedup", {}).get("near_duplicates"),
-        "embedded": summary.get("embed", {}).get("images"),
-        "semantic_duplicates": sem.get("semantic_duplicates"),
-        "kept_pool": sem.get("kept"),
-        "curated_samples": summary.get("curated", {}).get("curated_samples"),
-    }
+    out["counts"] = manifest.stage_counts(summary)
     out["backbone"] = summary.get("embed", {}).get("backbone")
     out["curated"] = curated_composition(run)
     if (control / "curated" / "manifest.parquet").exists():

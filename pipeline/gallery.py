@@ -105,6 +105,15 @@ def _figure(thumbs: Thumbnails, key: str, caption: str, kind: str = "") -> str:
     return f"<figure{klass}>{body}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
+def _pick(items: list[str], n: int) -> list[str]:
+    """A fixed sample of up to ``n`` of ``items`` (sorted): the page is reproducible."""
+    return sorted(random.Random(0).sample(items, min(n, len(items))))
+
+
+def _strip(lead: str, rest: list[str]) -> str:
+    return f'<div class="strip">{lead}{"".join(rest)}</div><br>'
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join(
@@ -115,22 +124,12 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def _counts_section(run_dir: Path) -> str:
     report = manifest.summary(run_dir)
-    dedup = report.get("dedup", {})
-    sem = report.get("semdedup", {})
-    curated = report.get("curated", {})
-    rows = [
-        ["URLs crawled", report["rows"]],
-        ["images fetched", report["by_status"].get("success", 0)],
-        ["exact duplicates (sha256)", dedup.get("exact_duplicates", "-")],
-        ["near duplicates (pHash)", dedup.get("near_duplicates", "-")],
-        ["embedded", report.get("embed", {}).get("images", "-")],
-        ["semantic duplicates", sem.get("semantic_duplicates", "-")],
-        ["removed by eval decontamination", sem.get("eval_contaminated", "-")],
-        ["kept pool", sem.get("kept", curated.get("pool", "-"))],
-        ["curated samples", curated.get("curated_samples", "-")],
-    ]
-    for how, n in sorted((curated.get("selected_by") or {}).items()):
-        rows.append([f"  selected by {how}", n])
+    labels = {"urls": "URLs crawled", "fetched": "images fetched",
+              "exact_duplicates": "exact duplicates (sha256)",
+              "near_duplicates": "near duplicates (pHash)",
+              "eval_contaminated": "removed by eval decontamination"}  # fmt: skip
+    rows = [[labels.get(k, k.replace("_", " ")), "-" if v is None else v]
+            for k, v in manifest.stage_counts(report).items()]  # fmt: skip
     backbone = (report.get("embed") or {}).get("backbone") or {}
     text = "<h2>Counts</h2>" + _table(["stage", "count"], rows)
     if backbone:
@@ -157,7 +156,7 @@ def _clusters_section(layout: RunLayout, thumbs: Thumbnails, strip: int, extreme
     if not layout.assignments.exists():
         return "<h2>Clusters</h2><p class='note'>no clusters yet: run the cluster stage</p>"
     table = pq.read_table(layout.assignments).to_pydict()
-    curated = collections.Counter()
+    curated: dict[str, collections.Counter] = {}
     if layout.curated_manifest.exists():
         cm = pq.read_table(layout.curated_manifest).to_pydict()
         curated = {c: collections.Counter(cm[c]) for c in cm if c.startswith("cluster_l")}
@@ -175,7 +174,7 @@ def _clusters_section(layout: RunLayout, thumbs: Thumbnails, strip: int, extreme
             if column != "cluster_l1":  # no distance to a higher-level centroid: a fixed sample
                 rows = sorted(random.Random(c).sample(members[c], min(strip, len(members[c]))))
             figs = "".join(_figure(thumbs, table["key"][r], table["key"][r]) for r in rows[:strip])
-            n_cur = curated.get(column, {}).get(c, 0) if curated else 0
+            n_cur = curated.get(column, {}).get(c, 0)
             parts.append(
                 f"<p>cluster {c}: {len(members[c])} pool images, {n_cur} curated</p>"
                 f'<div class="strip">{figs}</div>'
@@ -197,15 +196,13 @@ def _retrieval_section(layout: RunLayout, thumbs: Thumbnails, n_seeds: int, stri
         return head + f"<p class='note'>no per-seed retrieval in this run (selected by: " \
                       f"{html.escape(json.dumps(dict(kinds)))})</p>"  # fmt: skip
     seeds = sorted(around)
-    picked = sorted(random.Random(0).sample(seeds, min(n_seeds, len(seeds))))
+    picked = _pick(seeds, n_seeds)
     parts = [head, f"<p>{len(seeds)} seed images retrieved {sum(map(len, around.values()))} "
                    f"pool images; {len(picked)} shown</p>"]  # fmt: skip
     for seed in picked:
         hits = sorted(around[seed], reverse=True)[:strip]
-        figs = _figure(thumbs, seed, "seed", "seed") + "".join(
-            _figure(thumbs, key, f"cos {sim:.3f}") for sim, key in hits
-        )
-        parts.append(f'<div class="strip">{figs}</div><br>')
+        parts.append(_strip(_figure(thumbs, seed, "seed", "seed"),
+                            [_figure(thumbs, key, f"cos {sim:.3f}") for sim, key in hits]))  # fmt: skip
     return "".join(parts)
 
 
@@ -223,13 +220,12 @@ def _dedup_section(layout: RunLayout, thumbs: Thumbnails, n_groups: int, strip: 
             eval_hits.append(r)
     parts = [head, f"<p>{len(groups)} groups with copies, "
                    f"{sum(map(len, groups.values()))} copies dropped</p>"]  # fmt: skip
-    picked = sorted(random.Random(0).sample(sorted(groups), min(n_groups, len(groups))))
+    picked = _pick(sorted(groups), n_groups)
     for survivor in picked:
         dropped = sorted(groups[survivor], key=lambda r: -(r["similarity"] or 0))[: strip - 1]
-        figs = _figure(thumbs, survivor, "kept", "keep") + "".join(
-            _figure(thumbs, r["key"], f"cos {r['similarity']:.3f}", "drop") for r in dropped
-        )
-        parts.append(f'<div class="strip">{figs}</div><br>')
+        parts.append(_strip(_figure(thumbs, survivor, "kept", "keep"),
+                            [_figure(thumbs, r["key"], f"cos {r['similarity']:.3f}", "drop")
+                             for r in dropped]))  # fmt: skip
     if eval_hits:
         parts.append(f"<h3>Removed by eval decontamination: {len(eval_hits)} images</h3>")
         figs = "".join(_figure(thumbs, r["key"], "eval", "drop") for r in eval_hits[:strip])

@@ -92,6 +92,27 @@ def summary(run_dir: Path) -> dict:
     return report
 
 
+def stage_counts(report: dict) -> dict[str, int | None]:
+    """The count of each stage, in pipeline order, from a ``summary`` report (None where the
+    stage has not run): the gallery's table and the demo's closing table."""
+    dedup, sem = report.get("dedup") or {}, report.get("semdedup") or {}
+    curated = report.get("curated") or {}
+    counts = {
+        "urls": report["rows"],
+        "fetched": report["by_status"].get("success", 0),
+        "exact_duplicates": dedup.get("exact_duplicates"),
+        "near_duplicates": dedup.get("near_duplicates"),
+        "embedded": (report.get("embed") or {}).get("images"),
+        "semantic_duplicates": sem.get("semantic_duplicates"),
+        "eval_contaminated": sem.get("eval_contaminated"),
+        "kept_pool": sem.get("kept"),
+        "curated_samples": curated.get("curated_samples"),
+    }
+    for how, n in sorted((curated.get("selected_by") or {}).items()):
+        counts[f"selected_by_{how}"] = n
+    return counts
+
+
 def _curation_counts(layout: RunLayout) -> dict:
     """Stage states, embedding counts, semantic dedup and decontamination counts."""
     out: dict = {"stages": {}}

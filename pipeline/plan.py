@@ -165,7 +165,7 @@ def fork_run(source: Any, dest: Any, through: str, exist_ok: bool = False) -> li
         shutil.copy2(src.stage_file(stage), dst.stage_file(stage))
     if src.config.exists():
         shutil.copy2(src.config, dst.config)
-    if "crawl" in stages and "write" not in stages:  # train on the crawl until dest writes
+    if "write" not in stages:  # dest trains on the crawl until its own write stage runs
         from pipeline.shardio import write_train_shard_list
 
         write_train_shard_list(dst, [s.tar for s in dst.crawl_done()])

@@ -87,6 +87,11 @@ def _random_image(photo: Image.Image, rng: random.Random) -> Image.Image:
     return img
 
 
+def photo_crop_jpeg(photo: Image.Image, rng: random.Random, quality: int = 90) -> bytes:
+    """One random crop of a photograph as the web's images are made (size, colour, mirror)."""
+    return _jpeg(_random_image(photo, rng), quality)
+
+
 def _jpeg(img: Image.Image, quality: int) -> bytes:
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=quality)

@@ -76,7 +76,7 @@ def test_demo_curation_control_and_report(demo_dir, ray_address):
     """Steps 3-5 of `make demo` with the Makefile's commands at a small size; the report's
     figures recomputed here from the manifests and the web's labels."""
     config = "configs/pipeline/curate.yaml"
-    common = crawl_overrides(demo_dir, 16)[:1] + crawl_overrides(demo_dir, 16)[2:] + [
+    common = crawl_overrides(demo_dir, 16) + [
         f"embed.checkpoint={FIXTURE}", "embed.image_size=56", "semdedup.threshold=0.95",
         "cluster.levels=[4,2]", "cluster.resampling_steps=[1,2]", "cluster.sample_sizes=[0,0]",
         "curate.target_size=12", "curate.shard_size=5"]  # fmt: skip
