@@ -174,6 +174,59 @@ def test_curate_end_to_end(curated_run, curation_web, eval_dir):
     assert report["semdedup"]["eval_contaminated"] == reasons.count("eval")
 
 
+COPY_FIXTURE = REPO / "tests/fixtures/vit_test_copy_embedder.safetensors"
+COPY_THRESHOLD = 0.78
+
+
+def test_planted_copies_collapse_and_distinct_images_stay(ray_address, tmp_path):
+    """Semantic dedup with a real embedder, as a user runs it (crawl over HTTP, embed on Ray):
+    300 generated scenes that share no content and two edited copies of 30 of them (cropped by
+    2-8% per side and colour-shifted; rescaled to 60% and re-encoded at quality 60). The
+    embedder is the copy-detection fixture: vit_test trained by instance discrimination on
+    scenes of another seed (tests/fixtures/make_copy_embedder.py, docs/benchmarks.md). Every
+    planted group must become one component whose survivor is the original (the largest), and
+    no two distinct scenes may merge."""
+    web = build_web(300, seed=5, n_semantic=30, scenes=True)
+    with ImageServer(web) as server:
+        paths = sorted(web.images)
+        urls = tmp_path / "urls.parquet"
+        import pyarrow as pa
+
+        pq.write_table(pa.table({"url": [server.url(p) for p in paths]}), urls)
+        out = tmp_path / "run"
+        result = _cli("run", CONFIG, f"input.urls={urls}", f"output_dir={out}",
+                      "stages=[crawl,dedup,embed,semdedup]", "crawl.shard_size=120",
+                      "crawl.allow_private_networks=true", f"embed.checkpoint={COPY_FIXTURE}",
+                      "embed.image_size=56", f"semdedup.threshold={COPY_THRESHOLD}",
+                      "dedup.phash_threshold=0",
+                      address=ray_address)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    layout = RunLayout(out)
+    crawl = pq.read_table([s.parquet for s in layout.crawl_done()]).to_pylist()
+    path_of = {r["key"]: r["url"].split("/", 3)[3] for r in crawl if r["status"] == "success"}
+    assert sorted(path_of.values()) == paths
+    pixel = {path_of[r["key"]]: path_of[r["duplicate_of"]]
+             for r in pq.read_table(layout.dedup_parquet).to_pylist() if r["duplicate_of"]}  # fmt: skip
+    semantic = pq.read_table(layout.semantic_parquet).to_pylist()
+    verdict = {path_of[r["key"]]: r for r in semantic}
+    assert sorted([*verdict, *pixel]) == paths  # one verdict per image
+    copies = web.semantic_duplicates
+    # pHash at distance 0 takes only copies whose hash did not change (most rescaled ones): the
+    # cropped, colour-shifted ones are left to the embeddings
+    assert set(pixel.items()) <= set(copies.items())
+    assert sum(r["reason"] == "semantic" for r in semantic) == len(copies) - len(pixel) >= 30
+    for copy, original in copies.items():
+        if copy in pixel:
+            continue
+        assert verdict[copy]["reason"] == "semantic", copy
+        assert path_of[verdict[copy]["duplicate_of"]] == original, copy
+        assert verdict[copy]["component"] == verdict[original]["component"]
+        assert verdict[original]["reason"] is None
+    distinct = [p for p in paths if p not in copies]
+    assert all(verdict[p]["reason"] is None for p in distinct)
+    assert len({verdict[p]["component"] for p in distinct}) == len(distinct)
+
+
 def test_curated_shards(curated_run, seeds_dir, tmp_path):
     """Retrieval (exact against brute force), balanced sampling to the exact target, curated
     shards that validate against the manifest, read by the training job."""
