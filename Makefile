@@ -116,6 +116,8 @@ bench-curation: setup  ## embed stage vs bare forward, semantic dedup, k-means v
 	$(PY) bench/bench_kmeans.py
 	$(PY) bench/bench_curate.py
 	$(PY) bench/semdedup_planted.py
+	$(PY) bench/semdedup_planted.py --data scenes --thresholds 0.75,0.78,0.8 \
+		--checkpoint tests/fixtures/vit_test_copy_embedder.safetensors
 
 SMALL_SCALE := model.layerscale_init=1.0 model.patch_size=8 crops.global_crops_size=64 \
 	crops.local_crops_size=32 optim.teacher_temp=0.04 optim.momentum_teacher=0.99 \

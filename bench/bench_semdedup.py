@@ -1,6 +1,6 @@
-"""Semantic dedup (pipeline.stages.semdedup.semantic_dedup) at growing pool sizes, flat vs IVF.
+"""Semantic dedup (pipeline.stages.semdedup.semantic_dedup) at growing pool sizes: flat, IVF, IMI.
 
-    python bench/bench_semdedup.py                          # IVF 50k/100k/200k, flat 50k/100k
+    python bench/bench_semdedup.py                          # IVF, IMI 50k/100k/200k; flat 50k/100k
     python bench/bench_semdedup.py --sizes 5000 --flat-sizes 5000        # smoke run
     python bench/bench_semdedup.py --flat-sizes 50000,100000,200000      # flat 200k: ~30 TFLOP
 
@@ -13,13 +13,14 @@ of a copy makes chains). A size N uses the first N rows: every copy's source com
 Each (index, size) runs `semantic_dedup` in a fresh subprocess: wall time, its stage split,
 and the peak RSS of that process (ru_maxrss; the baseline after imports is shown too).
 Recall: of the undirected duplicate pairs (cosine > threshold among the k nearest) that flat
-finds at the same size, the share IVF finds (goal >= 0.95); `planted`: the share of planted
+finds at the same size, the share IVF / IMI find (goal >= 0.95); `planted`: the share of planted
 (source, copy) pairs above the threshold whose two rows end up in one component.
 
 Cost estimate on the CPU: flat searches N^2 * D multiply-adds (200k: 15 T, ~10 min on 2 busy
 cores at ~40 GFLOP/s), hence flat's sizes are a separate flag and stop at 100k by default.
-IVF (nlist ~ 4 sqrt(N), nprobe 32) is dominated by k-means training, linear in N with
-TRAIN_POINTS_PER_LIST rows per list.
+IVF (nlist ~ 4 sqrt(N), nprobe 32) scans about sqrt(N) rows a query: it grows as N^1.5. IMI
+(IVF-Flat over an inverted multi-index of two 2^b-centroid halves, 4^b ~ N/64 lists, nprobe 32)
+scans about the same few thousand rows a query at any N: it grows linearly.
 """
 
 from __future__ import annotations
@@ -173,9 +174,9 @@ def report(args, results: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--sizes", default="50000,100000,200000", help="IVF pool sizes")
+    p.add_argument("--sizes", default="50000,100000,200000", help="IVF / IMI pool sizes")
     p.add_argument("--flat-sizes", default="50000,100000", help="flat pool sizes ('' for none)")
-    p.add_argument("--index", choices=["both", "flat", "ivf"], default="both")
+    p.add_argument("--indexes", default="flat,ivf,imi", help="index kinds to run")
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--clusters", type=int, default=4000)
     p.add_argument("--copies", type=float, default=0.05, help="share of planted near copies")
@@ -193,8 +194,9 @@ def main() -> None:
     args = p.parse_args()
     if args.worker_n:
         return worker(args)
-    sizes = [int(s) for s in args.sizes.split(",") if s] if args.index != "flat" else []
-    flat = [int(s) for s in args.flat_sizes.split(",") if s] if args.index != "ivf" else []
+    kinds = [k for k in args.indexes.split(",") if k]
+    sizes = [int(s) for s in args.sizes.split(",") if s] if set(kinds) - {"flat"} else []
+    flat = [int(s) for s in args.flat_sizes.split(",") if s] if "flat" in kinds else []
     with tempfile.TemporaryDirectory(prefix="bench-semdedup-") as tmp:
         args.data = args.data or tmp
         Path(args.data).mkdir(parents=True, exist_ok=True)
@@ -206,7 +208,7 @@ def main() -> None:
         )
         results = []
         for n in sorted(set(sizes + flat)):
-            for index in ("flat", "ivf"):
+            for index in kinds:
                 if n in (flat if index == "flat" else sizes):
                     results.append(run_one(args, n, index))
                     print(f"{index} {n:,}: {results[-1]['wall_s']:.1f} s", flush=True)

@@ -76,10 +76,11 @@ class EmbedConfig:
 class SemDedupConfig:
     k: int = 64  # nearest neighbours per image (capped by the pool size)
     threshold: float = 0.9  # cosine similarity above which two images are copies
-    index: str = "auto"  # auto | flat | ivf
-    ivf_min_size: int = 200_000  # auto: IVF at and above this many embeddings
+    index: str = "auto"  # auto | flat | ivf | imi
+    ivf_min_size: int = 200_000  # auto: an inverted index (IMI on CPU, IVF on GPU) from here on
     ivf_nlist: int = 0  # 0: about 4 * sqrt(N)
-    ivf_nprobe: int = 32
+    ivf_nprobe: int = 32  # lists probed per query (IVF and IMI)
+    imi_bits: int = 0  # IMI: 4^bits lists; 0: about N / 64
     pq_m: int = 0  # >0: IVF-PQ with this many sub-quantizers (memory at scale)
     query_chunk: int = 65536  # queries per search call / Ray task
     use_gpu: bool = True  # FAISS on GPU when the machine has one
@@ -130,7 +131,7 @@ class CurateConfig:
     min_seeds_per_cluster: int = 3  # cluster-based: clusters holding more seeds than this
     per_cluster: int = 10000  # cluster-based: images taken from each such cluster
     max_per_seed_set: int = 1_000_000  # cluster-based: cap over the whole seed set
-    retrieval_ivf_min_size: int = 1_000_000  # exact search below, IVF above
+    retrieval_ivf_min_size: int = 1_000_000  # exact search below; above, IMI on CPU, IVF on GPU
     retrieval_pq_m: int = 0  # >0: IVF-PQ codes of this many bytes above that size (memory)
     target_size: int = 0  # balanced sampling fills the selection up to this; 0: retrieval only
     strategy: str = "random"  # random | closest: which images of a level-1 cluster to take

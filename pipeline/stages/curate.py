@@ -4,7 +4,7 @@ Plain functions, no Ray (the runner embeds the seeds with the embed stage's acto
 these). As DINOv2 selects LVD-142M, and Vo et al. balance it:
 
 - sample-based retrieval (large seed sets): the ``per_seed`` nearest pool images of every seed
-  image (DINOv2: 4), exact inner-product search (IVF above ``retrieval_ivf_min_size``); a pool
+  image (DINOv2: 4), exact inner-product search (an inverted index above ``retrieval_ivf_min_size``); a pool
   image retrieved by several seeds (a collision) is kept once, with its closest seed;
 - cluster-based retrieval (small seed sets): every level-1 cluster holding more than
   ``min_seeds_per_cluster`` seed images gives up to ``per_cluster`` of its images (the closest

@@ -39,7 +39,11 @@ from pipeline.layout import SEMANTIC_SCHEMA
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("auto", "flat", "ivf")
+INDEX_KINDS = ("auto", "flat", "ivf", "imi")
+# IMI: about one inverted list per IMI_ROWS_PER_LIST rows (between a quarter and all of it: the
+# list count moves in steps of 4), so a query scans the same few thousand rows at any N and
+# the search grows linearly (docs/benchmarks.md); its two 2^bits codebooks train in a second.
+IMI_ROWS_PER_LIST = 64
 GPU_MAX_K = 2048  # FAISS GPU indexes: k (and nprobe) at most this
 # IVF training sample: this many rows per list (FAISS accepts 39 to 256). With FAISS's 256 and
 # nlist ~ 4 sqrt(n), every row trains below ~1M rows and training costs n^1.5; at 64 it grows
@@ -66,7 +70,7 @@ def check_semdedup_config(cfg) -> None:
     for name in ("k", "ivf_nprobe", "query_chunk", "ivf_min_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"semdedup.{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("ivf_nlist", "pq_m"):
+    for name in ("ivf_nlist", "pq_m", "imi_bits"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"semdedup.{name} must be >= 0, got {getattr(cfg, name)}")
     if not 0 < cfg.max_component_share <= 1:
@@ -143,8 +147,15 @@ def gpu_available(use_gpu: bool) -> bool:
 
 
 def index_kind(cfg, n: int) -> str:
-    """flat | ivf | ivfpq for a pool of ``n`` embeddings."""
-    kind = cfg.index if cfg.index != "auto" else ("ivf" if n >= cfg.ivf_min_size else "flat")
+    """flat | ivf | ivfpq | imi for a pool of ``n`` embeddings. ``auto``: flat below
+    ``ivf_min_size``; above it the inverted multi-index on CPU (linear growth), IVF on GPUs
+    (FAISS's GPU IVF needs a flat coarse quantizer) or when PQ codes are asked for."""
+    kind = cfg.index
+    if kind == "auto":
+        if n < cfg.ivf_min_size:
+            kind = "flat"
+        else:
+            kind = "ivf" if cfg.pq_m or gpu_available(cfg.use_gpu) else "imi"
     if kind == "ivf" and cfg.pq_m:
         if n >= 256 * 39:  # 8-bit PQ codebooks: 256 centroids per sub-quantizer to train
             return "ivfpq"
@@ -157,18 +168,42 @@ def ivf_nlist(cfg, n: int) -> int:
     return cfg.ivf_nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))
 
 
+def imi_bits(cfg, n: int) -> int:
+    """Bits per half of the inverted multi-index: 4^bits lists, about n / IMI_ROWS_PER_LIST."""
+    return cfg.imi_bits or max(1, math.ceil(math.log2(max(2, n / IMI_ROWS_PER_LIST)) / 2))
+
+
+def n_lists(cfg, n: int) -> int:
+    """The inverted lists of the index ``build_index`` makes for ``n`` rows (0: flat)."""
+    kind = index_kind(cfg, n)
+    return 0 if kind == "flat" else 4 ** imi_bits(cfg, n) if kind == "imi" else ivf_nlist(cfg, n)
+
+
 def build_index(parts: Sequence[np.ndarray], cfg, n_total: int, seed: int = 0):
     """An inner-product index holding every row of ``parts`` in order (ids = global rows).
 
-    Flat, IVF-Flat or IVF-PQ (``index_kind``); trained on a uniform sample of
-    min(n, TRAIN_POINTS_PER_LIST * nlist) rows, then filled chunk by chunk in float32. On
-    every GPU when ``gpu_available(cfg.use_gpu)``."""
+    Flat, IVF-Flat, IVF-PQ or IVF-Flat over an inverted multi-index (``index_kind``); trained
+    on a uniform sample of min(n, TRAIN_POINTS_PER_LIST * nlist) rows (IMI: per codebook
+    centroid), then filled chunk by chunk in float32. On every GPU when
+    ``gpu_available(cfg.use_gpu)``, but for IMI, which FAISS runs on CPU only."""
     import faiss
 
     dim = embedding_dim(parts, "pool")
     kind = index_kind(cfg, n_total)
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
+    elif kind == "imi":
+        if dim % 2:
+            raise ValueError(f"semdedup.index=imi splits vectors in halves: dimension {dim} is odd")
+        bits = imi_bits(cfg, n_total)
+        # Product quantizer of two halves, L2: on unit vectors its order is the cosine's.
+        index = faiss.IndexIVFFlat(faiss.MultiIndexQuantizer(dim, 2, bits), dim, 4**bits,
+                                   faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+        index.quantizer_trains_alone = 1  # k-means on each half; nothing trained on the lists
+        index.nprobe = min(cfg.ivf_nprobe, index.nlist)
+        # FAISS's most points per centroid: codebooks this cheap can afford balanced lists
+        size = min(n_total, 256 * 2**bits)
+        index.train(_training_sample(parts, n_total, size, seed))
     else:
         nlist = ivf_nlist(cfg, n_total)
         if nlist > n_total:
@@ -182,9 +217,9 @@ def build_index(parts: Sequence[np.ndarray], cfg, n_total: int, seed: int = 0):
         else:
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.nprobe = min(cfg.ivf_nprobe, nlist)
-    if gpu_available(cfg.use_gpu):
+    if gpu_available(cfg.use_gpu) and kind != "imi":
         index = faiss.index_cpu_to_all_gpus(index)  # untrained: trained and filled on the GPU
-    if kind != "flat":
+    if kind in ("ivf", "ivfpq"):
         size = max(39 * nlist, min(TRAIN_POINTS_PER_LIST * nlist, TRAIN_MAX_ROWS))
         if kind == "ivfpq":  # and 256 rows per PQ centroid
             size = max(size, 256 * 256)
@@ -219,7 +254,13 @@ def deserialize_index(blob: np.ndarray, use_gpu: bool = False):
     import faiss
 
     index = faiss.deserialize_index(np.asarray(blob, np.uint8))
-    return faiss.index_cpu_to_all_gpus(index) if gpu_available(use_gpu) else index
+    quantizer = getattr(index, "quantizer", None)  # IVF: its coarse quantizer, as a base Index
+    on_cpu_only = quantizer is not None and isinstance(
+        faiss.downcast_index(quantizer), faiss.MultiIndexQuantizer
+    )
+    return (
+        index if on_cpu_only or not gpu_available(use_gpu) else faiss.index_cpu_to_all_gpus(index)
+    )
 
 
 # -- kNN graph --------------------------------------------------------------------------------
@@ -498,7 +539,7 @@ def _summary(table, labels, cfg, n, index, counts, seconds) -> dict:
         "largest_component": int(sizes.max()),
         "index": kind,
         "gpu": on_gpu(index),
-        "nlist": 0 if kind == "flat" else ivf_nlist(cfg, n),
+        "nlist": n_lists(cfg, n),
         "k": int(min(cfg.k, n)),
         "threshold": cfg.threshold,
         **{name: int(v) for name, v in counts.items()},  # edges: directed kNN hits

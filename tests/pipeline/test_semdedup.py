@@ -137,10 +137,11 @@ def test_components_are_undirected_chains():
     assert labels[0] == labels[1] == labels[2] != labels[3] and labels[4] == labels[5]
 
 
-@pytest.mark.parametrize("index", ["flat", "ivf"])
+@pytest.mark.parametrize("index", ["flat", "ivf", "imi"])
 def test_index_edges_equal_brute_force(index):
     x, _, _, _ = make_pool()
-    cfg = config(index=index, ivf_nlist=16, ivf_nprobe=16)  # IVF probing every list: exact
+    # IVF and IMI probing every list: exact
+    cfg = config(index=index, ivf_nlist=16, imi_bits=2, ivf_nprobe=16)
     built = sd.build_index([x], cfg, len(x))
     rows, cols, sims = sd.search_all(built, [x], cfg.k, THRESHOLD, cfg.query_chunk)
     assert rows.dtype == cols.dtype == np.int64 and sims.dtype == np.float32
@@ -159,12 +160,32 @@ def test_ivf_with_few_probes_keeps_recall():
     assert edge_set(rows, cols) <= truth
 
 
-def test_auto_picks_ivf_at_the_size_threshold():
+def test_ivf_sizes_its_lists_from_the_pool():
     x, keys, areas, groups = make_pool(n=10_000)
-    _, summary = sd.semantic_dedup([x], keys, areas, config(ivf_min_size=10_000, ivf_nprobe=64))
+    cfg = config(index="ivf", ivf_nprobe=64)
+    _, summary = sd.semantic_dedup([x], keys, areas, cfg)
     assert summary["index"] == "ivf"
     assert summary["nlist"] == 10_000 // 39  # 4 sqrt(n) = 400 lists, capped at 39 points each
     assert summary["components_with_duplicates"] == len(groups)
+
+
+def test_auto_picks_the_multi_index_at_the_size_threshold_on_cpu():
+    """Above ivf_min_size, auto builds IVF over an inverted multi-index (no GPU here): about one
+    list per 64 rows, the planted groups found exactly as the flat index finds them."""
+    x, keys, areas, groups = make_pool(n=10_000)
+    flat, _ = sd.semantic_dedup([x], keys, areas, config())
+    table, summary = sd.semantic_dedup([x], keys, areas, config(ivf_min_size=10_000))
+    assert summary["index"] == "imi" and sd.index_kind(config(), 10_000) == "flat"
+    assert summary["nlist"] == 4**4  # ceil(log2(10,000 / 64) / 2) = 4 bits a half: 256 lists
+    assert sd.index_kind(config(ivf_min_size=10_000, pq_m=8), 10_000) == "ivfpq"
+    assert summary["components_with_duplicates"] == len(groups)
+    assert verdicts(table) == verdicts(flat)
+
+
+def test_multi_index_needs_an_even_dimension():
+    x = unit(np.random.default_rng(0).standard_normal((500, 33)))
+    with pytest.raises(ValueError, match="dimension 33 is odd"):
+        sd.build_index([x], config(index="imi"), len(x))
 
 
 def test_ivf_pq_rescores_neighbours_exactly():
@@ -188,9 +209,10 @@ def test_ivf_pq_rescores_neighbours_exactly():
     assert summary["components_with_duplicates"] >= 0.95 * len(groups)
 
 
-def test_chunked_search_equals_one_call_and_survives_serialisation():
+@pytest.mark.parametrize("index", ["flat", "imi"])
+def test_chunked_search_equals_one_call_and_survives_serialisation(index):
     x, _, _, _ = make_pool()
-    cfg = config()
+    cfg = config(index=index)
     built = sd.build_index([x], cfg, len(x))
     whole = sd.search_edges(built, x, 0, cfg.k, THRESHOLD)
     shipped = sd.deserialize_index(sd.serialize_index(built))
@@ -246,15 +268,19 @@ def decon_setup():
     return x, keys, areas, touched_groups, evals
 
 
-@pytest.mark.parametrize("method", ["range", "knn"])
-def test_decontamination_drops_exactly_the_touched_components(method):
+@pytest.mark.parametrize(
+    "method, index", [("range", "flat"), ("knn", "flat"), ("range", "imi"), ("knn", "imi")]
+)
+def test_decontamination_drops_exactly_the_touched_components(method, index):
+    """On the flat index, and on the multi-index probing all its lists (exact, as flat)."""
     x, keys, areas, touched_groups, evals = decon_setup()
     truth = {int(r) for r in np.nonzero((x @ evals.T > 0.45).any(axis=1))[0]}
     assert truth and truth <= set(touched_groups[0]) | set(touched_groups[1])
     eval_keys = [f"eval-{i}" for i in range(len(evals))]
     table, summary = sd.semantic_dedup(
-        [x], keys, areas, config(), eval_parts=[evals[:10], evals[10:]], eval_keys=eval_keys,
-        decon_threshold=0.45, eval_method=method,
+        [x], keys, areas, config(index=index, imi_bits=2, ivf_nprobe=16),
+        eval_parts=[evals[:10], evals[10:]], eval_keys=eval_keys, decon_threshold=0.45,
+        eval_method=method,
     )  # fmt: skip
     d = table.to_pydict()
     dropped = {r for r, reason in enumerate(d["reason"]) if reason == "eval"}
