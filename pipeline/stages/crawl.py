@@ -9,9 +9,11 @@ import collections
 import hashlib
 import json
 import logging
+import queue
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -129,10 +131,12 @@ def _completed_results(pool, rows, load, cfg, previous, shard_index, width) -> I
     A bounded number of rows is in flight, so memory stays flat; nothing waits on the slowest
     row (a server that takes the whole timeout, a retry's backoff), which a row-ordered window
     would: there every thread idles once the window fills behind one slow URL. The tar is in
-    completion order; the manifest, built from these by row index, stays in row order.
+    completion order; the manifest, built from these by row index, stays in row order. Each
+    finished row is queued by its future's callback: taking one costs O(1), where
+    ``concurrent.futures.wait`` scanned (and hooked a waiter onto) every row in flight.
     """
-    in_flight: dict[Future, tuple[int, str]] = {}
-    limit = cfg.threads_per_task * 2
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    in_flight, limit = 0, cfg.threads_per_task * 2
     for row_index, row in enumerate(rows):
         key = sample_key(shard_index, row_index, width)
         old = previous.get(key)
@@ -140,18 +144,24 @@ def _completed_results(pool, rows, load, cfg, previous, shard_index, width) -> I
             record, jpeg, meta = old
             yield row_index, key, dict(record), jpeg, meta
             continue
-        in_flight[pool.submit(crawl_row, row, load, cfg)] = (row_index, key)
-        if len(in_flight) >= limit:
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            yield from _settle(in_flight, done)
-    yield from _settle(in_flight, as_completed(list(in_flight)))
+        future = pool.submit(crawl_row, row, load, cfg)
+        future.add_done_callback(partial(_queue_row, finished, row_index, key))
+        in_flight += 1
+        if in_flight >= limit:
+            yield _take(finished)
+            in_flight -= 1
+    for _ in range(in_flight):
+        yield _take(finished)
 
 
-def _settle(in_flight: dict[Future, tuple[int, str]], done) -> Iterator[tuple]:
-    for future in done:
-        row_index, key = in_flight.pop(future)
-        record, jpeg = future.result()
-        yield row_index, key, record, jpeg, None
+def _queue_row(finished: queue.SimpleQueue, row_index: int, key: str, future: Future) -> None:
+    finished.put((row_index, key, future))
+
+
+def _take(finished: queue.SimpleQueue) -> tuple:
+    row_index, key, future = finished.get()
+    record, jpeg = future.result()
+    return row_index, key, record, jpeg, None
 
 
 def _previous_results(paths: CrawlShard) -> dict[str, tuple[dict, bytes | None, dict | None]]:
