@@ -40,8 +40,8 @@ from pipeline.layout import SEMANTIC_SCHEMA
 log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("auto", "flat", "ivf", "imi")
-# IMI: about one inverted list per IMI_ROWS_PER_LIST rows (between a quarter and all of it: the
-# list count moves in steps of 4), so a query scans the same few thousand rows at any N and
+# IMI: at least one inverted list per IMI_ROWS_PER_LIST rows (16 to 64 rows a list: the list
+# count moves in steps of 4), so a query scans the same few thousand rows at any N and
 # the search grows linearly (docs/benchmarks.md); its two 2^bits codebooks train in a second.
 IMI_ROWS_PER_LIST = 64
 GPU_MAX_K = 2048  # FAISS GPU indexes: k (and nprobe) at most this
@@ -183,8 +183,8 @@ def build_index(parts: Sequence[np.ndarray], cfg, n_total: int, seed: int = 0):
     """An inner-product index holding every row of ``parts`` in order (ids = global rows).
 
     Flat, IVF-Flat, IVF-PQ or IVF-Flat over an inverted multi-index (``index_kind``); trained
-    on a uniform sample of min(n, TRAIN_POINTS_PER_LIST * nlist) rows (IMI: per codebook
-    centroid), then filled chunk by chunk in float32. On every GPU when
+    on a uniform sample of min(n, TRAIN_POINTS_PER_LIST * nlist) rows (IMI: 256 rows per
+    codebook centroid), then filled chunk by chunk in float32. On every GPU when
     ``gpu_available(cfg.use_gpu)``, but for IMI, which FAISS runs on CPU only."""
     import faiss
 

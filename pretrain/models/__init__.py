@@ -8,7 +8,8 @@ vit_large 1024/24/16, vit_giant2 1536/40/24, and vit_test, a tiny model for test
 demo. The feed-forward is a plain GELU MLP for every size but vit_giant2, which uses a fused
 SwiGLU, as in the released DINOv2 checkpoints (ViT-L/14 included).
 
-This package imports nothing else of `pretrain` but `pretrain.layers`: the curation pipeline
+This package imports nothing else of `pretrain` but `pretrain.layers` (and `pretrain.configtools`
+for atomic checkpoint writes): the curation pipeline
 imports it to embed images.
 """
 

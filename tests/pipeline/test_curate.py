@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -89,8 +90,6 @@ def curated_run(curation_web, curation_server, eval_dir, seeds_dir, ray_address,
 
     paths = curation_web.paths()
     urls = tmp / "urls.parquet"
-    import pyarrow as pa
-
     pq.write_table(pa.table({"url": [curation_server.url(p) for p in paths], "path": paths}), urls)
     out = tmp / "run"
     result = _cli(*_args(urls, out, f"decontaminate.sets=[{eval_dir}]",
@@ -190,8 +189,6 @@ def test_planted_copies_collapse_and_distinct_images_stay(ray_address, tmp_path)
     with ImageServer(web) as server:
         paths = sorted(web.images)
         urls = tmp_path / "urls.parquet"
-        import pyarrow as pa
-
         pq.write_table(pa.table({"url": [server.url(p) for p in paths]}), urls)
         out = tmp_path / "run"
         result = _cli("run", CONFIG, f"input.urls={urls}", f"output_dir={out}",
