@@ -73,6 +73,45 @@ def knn_top1(backbone, train, val, size: int) -> float:
     return knn_accuracy(x_train, y_train, x_val, y_val, ks=(20,))[20]
 
 
+def add_silhouette_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classes", type=int, default=len(silhouettes.CLASSES),
+                        help="silhouettes: use the first N classes")  # fmt: skip
+    parser.add_argument("--radius", default="0.17,0.33",
+                        help="silhouettes: radius range, fraction of the side")  # fmt: skip
+    parser.add_argument("--max-angle", type=float, default=25.0, help="silhouettes: rotation")
+
+
+def silhouette_variant(args: argparse.Namespace) -> silhouettes.Variant:
+    low, high = (float(v) for v in args.radius.split(","))
+    return silhouettes.Variant(args.classes, (low, high), args.max_angle)
+
+
+def make_sets(data: str, images: int, eval_images: int, background: str = "grey",
+              variant: silhouettes.Variant | None = None):  # fmt: skip
+    """(training pool [(label, image)], k-NN train, k-NN val, nuisance sets or None): seeds 1, 2
+    and 3. For silhouettes the nuisance sets carry the background photograph as the label."""
+    variant = variant or silhouettes.Variant()
+    if data == "shapes":
+
+        def make(n, seed):
+            return list(synthetic.samples(n, seed, background=background))
+    else:
+
+        def make(n, seed):
+            return list(silhouettes.samples(n, seed, variant=variant))
+
+    nuisance = None
+    if data == "silhouettes":
+
+        def by_background(n, seed):
+            rows = silhouettes.samples_with_background(n, seed, variant=variant)
+            return [(key, photo, img) for key, _, photo, img in rows]
+
+        nuisance = (by_background(eval_images, 2), by_background(eval_images, 3))
+    pool = [(label, img) for _, label, img in make(images, 1)]
+    return pool, make(eval_images, 2), make(eval_images, 3), nuisance
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
@@ -84,6 +123,7 @@ def main() -> None:
     parser.add_argument("--background", choices=["grey", "colour"], default="grey")
     parser.add_argument("--data", choices=["shapes", "silhouettes"], default="shapes")
     parser.add_argument("--config", default=str(REPO / "configs/pretrain/vit_test_cpu.yaml"))
+    add_silhouette_args(parser)
     parser.add_argument("overrides", nargs="*", help="key=value on the training config")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -92,25 +132,9 @@ def main() -> None:
         ["data.shards=in-memory", f"train.steps={args.steps}", f"optim.base_lr={args.lr}",
          f"data.batch_size_per_rank={args.batch}", *args.overrides],
     )  # fmt: skip
-    nuisance = None
-    if args.data == "shapes":
-
-        def make(n, seed):
-            return list(synthetic.samples(n, seed, background=args.background))
-    else:
-
-        def make(n, seed):
-            return list(silhouettes.samples(n, seed))
-
-        # The nuisance as a label: k-NN by background photograph, on the same features.
-        def by_background(n, seed):
-            rows = silhouettes.samples_with_background(n, seed)
-            return [(key, photo, img) for key, _, photo, img in rows]
-
-        nuisance = (by_background(args.eval_images, 2), by_background(args.eval_images, 3))
-
-    pool = [img for _, _, img in make(args.images, 1)]
-    train, val = make(args.eval_images, 2), make(args.eval_images, 3)
+    pool, train, val, nuisance = make_sets(args.data, args.images, args.eval_images,
+                                           args.background, silhouette_variant(args))  # fmt: skip
+    pool = [img for _, img in pool]
     batches = iter(DataLoader(ShapeBatches(cfg, pool, args.batch), batch_size=None, num_workers=1))
 
     torch.manual_seed(cfg.train.seed)

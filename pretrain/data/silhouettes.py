@@ -17,6 +17,7 @@ import argparse
 import math
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -121,31 +122,55 @@ def _background(rng: random.Random, size: int) -> tuple[Image.Image, int]:
     return Image.fromarray(hsv, "HSV").convert("RGB"), index
 
 
-def draw_silhouette(name: str, rng: random.Random, size: int = 64) -> tuple[Image.Image, int]:
-    """(image, index of the photograph its background was cut from)."""
+def draw_silhouette(name: str, rng: random.Random, size: int = 64,
+                    radius: tuple[float, float] = (0.17, 0.33),
+                    max_angle: float = 25.0) -> tuple[Image.Image, int]:  # fmt: skip
+    """(image, index of the photograph its background was cut from). `radius` is the range of
+    the silhouette's radius as a fraction of the image side."""
     img, photo = _background(rng, size)
-    radius = rng.uniform(0.17, 0.33) * size
-    centre = (rng.uniform(radius, size - radius), rng.uniform(radius, size - radius))
-    angle = math.radians(rng.uniform(-25, 25))
-    mask = silhouette_mask(name, size, radius, centre, angle)
+    radius_px = rng.uniform(*radius) * size
+    centre = (rng.uniform(radius_px, size - radius_px), rng.uniform(radius_px, size - radius_px))
+    angle = math.radians(rng.uniform(-max_angle, max_angle))
+    mask = silhouette_mask(name, size, radius_px, centre, angle)
     colour = tuple(rng.randrange(256) for _ in range(3))
     img.paste(Image.new("RGB", (size, size), colour), mask=mask)
     return img, photo
 
 
-def samples(n: int, seed: int, size: int = 64) -> Iterator[tuple[str, int, Image.Image]]:
+@dataclass(frozen=True)
+class Variant:
+    """How hard the set is. The defaults are the stand-in of docs/training.md; fewer classes,
+    larger or upright silhouettes make rungs below it (the photograph backgrounds and random
+    colours stay)."""
+
+    classes: int = len(CLASSES)  # the first `classes` of CLASSES
+    radius: tuple[float, float] = (0.17, 0.33)  # fraction of the image side
+    max_angle: float = 25.0  # degrees either way
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.classes <= len(CLASSES):
+            raise ValueError(f"classes must be in [2, {len(CLASSES)}], got {self.classes}")
+        low, high = self.radius
+        if not 0 < low <= high <= 0.5:
+            raise ValueError(f"radius must be (low, high) with 0 < low <= high <= 0.5, got "
+                             f"{self.radius}")  # fmt: skip
+
+
+def samples(n: int, seed: int, size: int = 64,
+            variant: Variant = Variant()) -> Iterator[tuple[str, int, Image.Image]]:  # fmt: skip
     """(key, label, image) for n images, classes in turn; the same seed gives the same set."""
-    for key, label, _, img in samples_with_background(n, seed, size):
+    for key, label, _, img in samples_with_background(n, seed, size, variant):
         yield key, label, img
 
 
-def samples_with_background(n: int, seed: int, size: int = 64):
+def samples_with_background(n: int, seed: int, size: int = 64, variant: Variant = Variant()):
     """(key, label, background photograph index, image): the nuisance as a label too, to
     measure how much of a backbone's k-NN is background."""
     rng = random.Random(seed)
     for i in range(n):
-        label = i % len(CLASSES)
-        img, photo = draw_silhouette(CLASSES[label], rng, size)
+        label = i % variant.classes
+        img, photo = draw_silhouette(CLASSES[label], rng, size, variant.radius,
+                                     variant.max_angle)  # fmt: skip
         yield f"{seed:04d}{i:07d}", label, photo, img
 
 

@@ -231,3 +231,26 @@ def test_silhouettes_are_deterministic_and_only_the_outline_is_shared():
                 silhouettes.CLASSES[i],
                 silhouettes.CLASSES[j],
             )
+
+
+def test_silhouette_variants_subset_classes_and_reject_bad_settings():
+    import numpy as np
+
+    from pretrain.data import silhouettes
+
+    default = list(silhouettes.samples(12, seed=4))
+    explicit = list(silhouettes.samples(12, seed=4, variant=silhouettes.Variant()))
+    assert all(np.array_equal(np.asarray(a[-1]), np.asarray(b[-1]))
+               for a, b in zip(default, explicit))  # fmt: skip
+    easy = silhouettes.Variant(classes=4, radius=(0.3, 0.4), max_angle=0.0)
+    rung = list(silhouettes.samples_with_background(12, seed=4, variant=easy))
+    assert [label for _, label, _, _ in rung] == [i % 4 for i in range(12)]
+    # A different variant draws a different set from the same seed.
+    assert not all(
+        np.array_equal(np.asarray(a[-1]), np.asarray(b[-1])) for a, b in zip(default, rung)
+    )
+    for bad, message in [({"classes": 1}, "classes"), ({"classes": 11}, "classes"),
+                         ({"radius": (0.3, 0.2)}, "radius"), ({"radius": (0.0, 0.2)}, "radius"),
+                         ({"radius": (0.2, 0.6)}, "radius")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            silhouettes.Variant(**bad)
