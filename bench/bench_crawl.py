@@ -65,7 +65,8 @@ FAULTS = ("fault/404", "fault/500", "fault/slow", "fault/truncated.jpg", "fault/
           "fault/empty", "fault/bomb.png", "fault/loop-a", "fault/huge")  # fmt: skip
 
 
-def start_server(n_unique: int, seed: int, row: str) -> tuple[subprocess.Popen, str]:
+def start_server(n_unique: int, seed: int, row: str,
+                 slow_s: float = 3.0) -> tuple[subprocess.Popen, str]:  # fmt: skip
     web_dir = RUNS / f"web-{n_unique}-{seed}"
     if not (web_dir / "planted.json").exists():
         save_web(build_web(n_unique, seed=seed, min_distance=0), web_dir)
@@ -73,6 +74,7 @@ def start_server(n_unique: int, seed: int, row: str) -> tuple[subprocess.Popen, 
     port_file.unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     extra = ["--http10", "--from-disk"] if row == "close" else []
+    extra += ["--slow-s", str(slow_s)]
     server = subprocess.Popen([sys.executable, "-m", "pipeline.simweb", "--web-dir", str(web_dir),
                                "--port-file", str(port_file), *extra], env=env)  # fmt: skip
     for _ in range(600):
@@ -116,6 +118,7 @@ def run_dinoforge(urls: Path, out: Path, threads: int | None, shard_size: int) -
            "crawl.image_size=256", "crawl.resize_mode=keep_ratio"]  # fmt: skip
     if threads:
         cmd.append(f"crawl.threads_per_task={threads}")
+    cmd += EXTRA
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")  # fmt: skip
     env.pop("RAY_ADDRESS", None)
@@ -192,6 +195,9 @@ def main() -> int:
         help="both crawlers: small enough that every core gets shards",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slow-s", type=float, default=3.0,
+                        help="the slow fault's delay; above 10 s it is a hanging host that both "
+                             "crawlers time out on")  # fmt: skip
     args = parser.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = RUNS / f"crawl-{stamp}"
@@ -204,7 +210,7 @@ def main() -> int:
 
     settings = {"img2dataset": _threads(args.i2d_threads), "dinoforge": _threads(args.df_threads)}
     for row in [r for r in args.rows.split(",") if r]:
-        server, base = start_server(args.unique, args.seed, row)
+        server, base = start_server(args.unique, args.seed, row, args.slow_s)
         try:
             urls = write_urls(work / f"urls-{row}.parquet", base, args.urls, args.unique)
             results[row] = sweep(work / row, urls, settings, args.repeats, results["runs"],
@@ -214,7 +220,7 @@ def main() -> int:
             server.kill()
             server.wait()
     if args.e2e_urls or args.memory_urls:  # both on the realistic condition
-        server, base = start_server(args.unique, args.seed, "close")
+        server, base = start_server(args.unique, args.seed, "close", args.slow_s)
         try:
             if args.e2e_urls:
                 small = write_urls(work / "urls-e2e.parquet", base, args.e2e_urls, args.unique)

@@ -31,7 +31,7 @@ from pipeline.config import CrawlConfig, EmbedConfig, PipelineConfig
 from pipeline.layout import RunLayout, clear_temporaries, shard_of_key, token
 from pipeline.shardio import read_stats, write_stats, write_train_shard_list
 from pipeline.sources import iter_shards
-from pipeline.stages.crawl import crawl_shard
+from pipeline.stages.crawl import crawl_shard_steps
 from pipeline.stages.dedup import run_dedup
 from pretrain.configtools import to_object
 
@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 
 
 @ray.remote(max_retries=2)
-def _crawl_task(table, shard_index: int, crawl_dir: str, crawl: CrawlConfig, kind: str) -> dict:
+def _crawl_task(table, shard_index: int, crawl_dir: str, crawl: CrawlConfig, kind: str):
+    """A Ray generator task: yields TAIL when its last row is in flight, then its stats."""
     logging.basicConfig(level=logging.INFO)
-    return crawl_shard(table, shard_index, Path(crawl_dir), crawl, kind)
+    yield from crawl_shard_steps(table, shard_index, Path(crawl_dir), crawl, kind)
 
 
 def connect(cfg: PipelineConfig, address: str | None) -> None:
@@ -118,15 +119,24 @@ class Progress:
 
 
 def _run_crawl(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous) -> dict:
-    """Crawl every input shard not yet done."""
+    """Crawl every input shard not yet done.
+
+    A shard's task ends only when its slowest row does (a server that takes the whole timeout,
+    a retry's backoff), and for that stretch its CPU idles. So a task stops counting against the
+    cluster's cores once it reports its tail (every row handed to a thread) and the next shard
+    starts beside it. Ray reserves half of ``ray.cpus_per_task`` for each task, so that a
+    running shard and one in its tail fit on the same reservation; the driver keeps at most
+    CPUs / cpus_per_task shards out of their tails at once, and ``ray.max_tasks_in_flight``
+    shards in all.
+    """
     layout.crawl_dir.mkdir(parents=True, exist_ok=True)
     clear_temporaries(layout.crawl_dir)
     crawl = to_object(cfg.crawl)
-    in_flight_limit = cfg.ray.max_tasks_in_flight or max(
-        2, 2 * int(ray.cluster_resources().get("CPU", 1))
-    )
+    cpus = ray.cluster_resources().get("CPU", 1)
+    running_limit = max(1, int(cpus / cfg.ray.cpus_per_task))
+    in_flight_limit = cfg.ray.max_tasks_in_flight or max(2, 2 * int(cpus))
     progress = Progress(total_rows)
-    pending: dict[ray.ObjectRef, int] = {}
+    tasks = _CrawlTasks(progress)
     skipped = 0
     for index, table in iter_shards(cfg.input, crawl.shard_size):
         shard = layout.crawl_shard(index)
@@ -135,13 +145,12 @@ def _run_crawl(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
         ):
             skipped += 1
             continue
-        while len(pending) >= in_flight_limit:
-            _collect_one(pending, progress)
-        task = _crawl_task.options(num_cpus=cfg.ray.cpus_per_task)
-        ref = task.remote(table, index, str(layout.crawl_dir), crawl, cfg.input.kind)
-        pending[ref] = index
-    while pending:
-        _collect_one(pending, progress)
+        while len(tasks.running) >= running_limit or len(tasks.pending) >= in_flight_limit:
+            tasks.wait_one()
+        task = _crawl_task.options(num_cpus=cfg.ray.cpus_per_task / 2)
+        tasks.add(task.remote(table, index, str(layout.crawl_dir), crawl, cfg.input.kind), index)
+    while tasks.pending:
+        tasks.wait_one()
     log.info("crawl finished: %d shards crawled, %d already done", progress.shards, skipped)
     write_train_shard_list(layout, [s.tar for s in layout.crawl_done()])
     return {
@@ -152,16 +161,46 @@ def _run_crawl(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
     }
 
 
-def _collect_one(pending: dict[ray.ObjectRef, int], progress: Progress) -> None:
-    """Wait for one shard task; a task that failed even after Ray's retries is logged and
-    left without a stats file, so the next run redoes it."""
-    done, _ = ray.wait(list(pending), num_returns=1)
-    index = pending.pop(done[0])
-    try:
-        progress.add(ray.get(done[0]))
-    except ray.exceptions.RayError as exc:
-        log.error("shard %05d failed, rerun to redo it: %s", index, exc)
-        progress.failed_shards.append(index)
+class _CrawlTasks:
+    """The crawl tasks in flight (Ray generators), and which of them are not yet in their tail."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.pending: dict[ray.ObjectRefGenerator, int] = {}
+        self.running: set[ray.ObjectRefGenerator] = set()
+
+    def add(self, task: ray.ObjectRefGenerator, index: int) -> None:
+        self.pending[task] = index
+        self.running.add(task)
+
+    def wait_one(self) -> None:
+        """Take the next report of one task: its tail, or its end. A task that failed even after
+        Ray's retries is logged and left without a stats file, so the next run redoes it."""
+        ready, _ = ray.wait(list(self.pending), num_returns=1)
+        task = ready[0]
+        index = self.pending[task]
+        try:
+            report = ray.get(next(task))
+        except StopIteration:  # ended without stats: cannot happen short of a bug
+            report = None
+        except ray.exceptions.RayError as exc:
+            log.error("shard %05d failed, rerun to redo it: %s", index, exc)
+            self.progress.failed_shards.append(index)
+            self._drop(task)
+            return
+        if report is not None and report.get("tail"):
+            self.running.discard(task)  # its last rows are in flight: start the next shard
+            return
+        self._drop(task)
+        if report is None:
+            log.error("shard %05d ended without its stats, rerun to redo it", index)
+            self.progress.failed_shards.append(index)
+        else:
+            self.progress.add(report)
+
+    def _drop(self, task: ray.ObjectRefGenerator) -> None:
+        del self.pending[task]
+        self.running.discard(task)
 
 
 def _run_dedup(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous) -> dict:

@@ -387,9 +387,13 @@ def serve_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-file", type=Path, required=True)
     parser.add_argument("--http10", action="store_true", help="HTTP/1.0: one connection a request")
     parser.add_argument("--from-disk", action="store_true", help="read each image per request")
+    parser.add_argument("--slow-s", type=float, default=3.0,
+                        help="how long /fault/slow waits before answering (a hanging host: more "
+                             "than the crawler's read timeout)")  # fmt: skip
     args = parser.parse_args(argv)
     web = None if args.from_disk else load_web(args.web_dir)
-    server = ImageServer(web, http10=args.http10, web_dir=args.web_dir if args.from_disk else None)
+    server = ImageServer(web, slow_s=args.slow_s, http10=args.http10,
+                         web_dir=args.web_dir if args.from_disk else None)  # fmt: skip
     with server:
         args.port_file.write_text(str(server.httpd.server_address[1]))
         threading.Event().wait()

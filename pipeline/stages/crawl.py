@@ -77,6 +77,9 @@ def crawl_row(row: dict, load: Loader, cfg: CrawlConfig) -> tuple[dict, bytes | 
     return record, image.jpeg
 
 
+TAIL = {"tail": True}  # what crawl_shard_steps yields once every row is in a thread's hands
+
+
 def crawl_shard(
     table: pa.Table, shard_index: int, crawl_dir: Path, cfg: CrawlConfig, kind: str = "urls"
 ) -> dict:
@@ -85,6 +88,16 @@ def crawl_shard(
     With ``cfg.retry_failed`` and a finished shard on disk, successful rows are copied from the
     old tar and only the failed rows are fetched again.
     """
+    *_, stats = crawl_shard_steps(table, shard_index, crawl_dir, cfg, kind)
+    return stats
+
+
+def crawl_shard_steps(
+    table: pa.Table, shard_index: int, crawl_dir: Path, cfg: CrawlConfig, kind: str = "urls"
+) -> Iterator[dict]:
+    """``crawl_shard`` as steps: yields ``TAIL`` once the last row has been handed to a thread
+    (from then on the task only waits for the rows still in flight, often one slow server, and
+    its CPU is mostly idle), then the shard's stats, once its files are in place."""
     started = time.time()
     crawl_dir.mkdir(parents=True, exist_ok=True)
     paths = crawl_shard_files(crawl_dir, shard_index)
@@ -99,7 +112,11 @@ def crawl_shard(
     try:
         with ThreadPoolExecutor(cfg.threads_per_task) as pool:
             results = _completed_results(pool, rows, load, cfg, previous, shard_index, width)
-            for row_index, key, record, jpeg, meta in results:
+            for result in results:
+                if result is TAIL:
+                    yield TAIL
+                    continue
+                row_index, key, record, jpeg, meta = result
                 record["key"] = key
                 records[row_index] = record
                 if jpeg is not None:
@@ -114,7 +131,7 @@ def crawl_shard(
     write_parquet_atomic(_manifest_table(records, table), paths.parquet)
     stats = _stats(records, shard_index, started)
     write_stats(stats, paths.stats)
-    return stats
+    yield stats
 
 
 def _url_loader(fetcher: Fetcher) -> Loader:
@@ -126,7 +143,8 @@ def _url_loader(fetcher: Fetcher) -> Loader:
 
 
 def _completed_results(pool, rows, load, cfg, previous, shard_index, width) -> Iterator[tuple]:
-    """(row index, key, record, jpeg, meta) as each row finishes, in completion order.
+    """(row index, key, record, jpeg, meta) as each row finishes, in completion order, with
+    ``TAIL`` between them once the last row has been submitted.
 
     A bounded number of rows is in flight, so memory stays flat; nothing waits on the slowest
     row (a server that takes the whole timeout, a retry's backoff), which a row-ordered window
@@ -150,6 +168,7 @@ def _completed_results(pool, rows, load, cfg, previous, shard_index, width) -> I
         if in_flight >= limit:
             yield _take(finished)
             in_flight -= 1
+    yield TAIL
     for _ in range(in_flight):
         yield _take(finished)
 

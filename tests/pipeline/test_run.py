@@ -153,3 +153,22 @@ def test_retry_failed_reattempts_failed_rows(image_server, url_file, ray_address
     assert _successful_keys(out) == {"000000000": urls[0], "000000001": urls[1]}
     assert image_server.hits["img/000002.jpg"] == hits_before  # successes reused, not refetched
     assert _cli("manifest", "validate", str(out)).returncode == 0
+
+
+def test_a_shard_in_its_tail_lets_the_next_one_start(image_server, small_web, url_file,
+                                                     ray_address, tmp_path):  # fmt: skip
+    """Shards 0 and 1 end on two slow URLs each (2 s apiece, one thread a task): once their
+    last row is in flight they stop holding the cluster's 2 CPUs, so shard 2 starts and ends
+    while both still wait. Before, shard 2 could start only once one of them had finished."""
+    images = [image_server.url(p) for p in sorted(small_web.images)[:8]]
+    slow = image_server.url("fault/slow")
+    urls = [*images[:2], slow, slow, *images[2:4], slow, slow, *images[4:8]]
+    path = url_file(tmp_path / "urls.parquet", urls)
+    out = tmp_path / "run"
+    args = _run_args(path, out, "crawl.shard_size=4", "crawl.threads_per_task=1")
+    result = _cli(*args, address=ray_address)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = {i: json.loads((out / "crawl" / f"{i:05d}.stats.json").read_text()) for i in range(3)}
+    ended = {i: s["started_at"] + s["duration_s"] for i, s in stats.items()}
+    assert [stats[i]["successes"] for i in range(3)] == [4, 4, 4]  # slow answers, late
+    assert ended[2] < min(ended[0], ended[1]), stats
