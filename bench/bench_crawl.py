@@ -2,6 +2,7 @@
 
     python bench/bench_crawl.py                        # both rows at 10k URLs, 2k end to end, 100k memory
     python bench/bench_crawl.py --rows close --urls 2000 --memory-urls 0 --e2e-urls 0
+    python bench/bench_crawl.py --rows close --slow-s 30 --e2e-urls 0 --memory-urls 0  # hanging hosts
 
 Conditions (rows):
 - ``close``: the realistic one. Python's plain threaded ``http.server`` answering HTTP/1.0, so
@@ -100,6 +101,13 @@ def write_urls(path: Path, base: str, n_urls: int, n_unique: int) -> Path:
     return path
 
 
+def steal_s() -> float:
+    """CPU seconds the hypervisor has taken from this VM since boot (all CPUs): a run during
+    which it grows by much ran on a noisy machine."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, int, int]:
     started = time.perf_counter()
     with open(log, "w") as out:
@@ -154,7 +162,9 @@ def sweep(work: Path, urls: Path, settings: dict[str, list], repeats: int, log: 
     for r in range(repeats):
         for name, threads in pairs if r % 2 == 0 else pairs[::-1]:
             out = work / f"{name}-t{threads or 'default'}-{r}"
+            stolen = steal_s()
             result = RUNNERS[name](urls, out, threads, shard_size)
+            result["steal_s"] = round(steal_s() - stolen, 1)
             result |= {"crawler": name, "threads": threads, "repeat": r,
                        "images_per_s": result["successes"] / result["wall_s"],
                        "load_1min_after": os.getloadavg()[0]}  # fmt: skip
