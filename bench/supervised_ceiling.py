@@ -76,7 +76,7 @@ def main() -> None:
     cfg = load_train_config(args.config, ["data.shards=in-memory", *args.overrides])
     pool, train, val, _ = make_sets(args.data, args.images, args.eval_images,
                                     variant=silhouette_variant(args))  # fmt: skip
-    labelled = list(zip((label for label, _ in pool), (img for _, img in pool)))
+    labelled = pool  # [(label, image)]
     augment, _ = build_transforms(cfg)
     torch.manual_seed(cfg.train.seed)
     if args.backbone == "cnn":

@@ -145,7 +145,7 @@ class CurateConfig:
 class RayConfig:
     address: str = ""  # empty: RAY_ADDRESS or a new local cluster
     num_cpus: int = 0  # local cluster only; 0 = all cores
-    cpus_per_task: float = 1.0
+    cpus_per_task: float = 1.0  # a running crawl task's share; Ray reserves half (its tail)
     max_tasks_in_flight: int = 0  # 0 = twice the cluster's CPUs
 
 

@@ -1,6 +1,7 @@
 """The crawl stage over one shard: fetch, verify, resize, hash, write tar + parquet + stats.
 
-Plain functions, no Ray: ``crawl_shard`` is what one Ray task runs, and tests call it directly.
+Plain functions, no Ray: ``crawl_shard_steps`` is what one Ray (generator) task runs, reporting
+its tail before its stats; ``crawl_shard`` runs it to the end, for tests and the seed set.
 """
 
 from __future__ import annotations
