@@ -39,7 +39,11 @@ class CrawlConfig:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 10.0
     total_timeout_s: float = 60.0  # whole body download, against servers that drip bytes
+    # Retries (exponential backoff) of connection errors and 5xx. A timed-out URL is not
+    # retried unless retry_timeouts: a host that hung for read_timeout_s seldom answers a second
+    # time, and each retry would hold a thread for the whole timeout again.
     retries: int = 2
+    retry_timeouts: bool = False
     backoff_s: float = 0.5
     max_redirects: int = 5
     dns_cache_ttl_s: float = 300.0  # answers and failures cached per task for this long

@@ -3,11 +3,14 @@
 Every request connects to an IP address that was resolved and checked here (so a second DNS
 answer cannot swap in a private address between the check and the connect), follows redirects
 by hand (re-checking each hop), streams the body under a byte cap, and retries only failures
-that may pass on a second try (timeouts, connection errors, 5xx).
+that may pass on a second try (connection errors, 5xx; timeouts only with
+``crawl.retry_timeouts``).
 """
 
 from __future__ import annotations
 
+import collections
+import http.client
 import ipaddress
 import socket
 import threading
@@ -16,7 +19,8 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import urllib3
-from urllib3.exceptions import HTTPError, MaxRetryError, ProtocolError, TimeoutError
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ProtocolError
 
 from pipeline.config import CrawlConfig
 
@@ -80,17 +84,20 @@ class Fetcher:
     def __init__(self, cfg: CrawlConfig, getaddrinfo=socket.getaddrinfo) -> None:
         self.cfg = cfg
         self._getaddrinfo = getaddrinfo  # the system resolver; tests pass their own answers
-        self._timeout = urllib3.Timeout(connect=cfg.connect_timeout_s, read=cfg.read_timeout_s)
-        self._pools: dict[tuple, urllib3.HTTPConnectionPool] = {}
+        # (scheme, host, address, port) -> idle kept-alive connections, least recently used first
+        self._idle: collections.OrderedDict[tuple, list[HTTPConnection]] = collections.OrderedDict()
+        self._n_idle = 0
         # (host, port) -> (address or the lookup's error, expiry on the monotonic clock)
         self._dns: dict[tuple[str, int], tuple[str | FetchError, float]] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
         with self._lock:
-            for pool in self._pools.values():
-                pool.close()
-            self._pools.clear()
+            for conns in self._idle.values():
+                for conn in conns:
+                    conn.close()
+            self._idle.clear()
+            self._n_idle = 0
 
     def fetch(self, url: str) -> FetchResult:
         """Download one URL, retrying transient failures with exponential backoff."""
@@ -99,7 +106,8 @@ class Fetcher:
             try:
                 return self._follow_redirects(url)
             except _Retryable as exc:
-                if attempt >= self.cfg.retries:
+                gives_up = exc.kind == "timeout" and not self.cfg.retry_timeouts
+                if gives_up or attempt >= self.cfg.retries:
                     raise FetchError(exc.kind, str(exc), exc.http_status) from None
                 time.sleep(self.cfg.backoff_s * (2**attempt))
                 attempt += 1
@@ -123,25 +131,39 @@ class Fetcher:
     def _request(self, url: str) -> tuple[int, urllib3.HTTPHeaderDict, bytes]:
         scheme, host, port, path = _split_url(url)
         ip = self.resolve(host, port)
-        pool = self._pool(scheme, host, ip, port)
+        key = (scheme, host, ip, port)
         headers = {"User-Agent": self.cfg.user_agent, "Host": _host_header(host, port, scheme)}
-        try:
-            resp = pool.urlopen(
-                "GET", path, headers=headers, redirect=False, retries=False,
-                preload_content=False, timeout=self._timeout, assert_same_host=False,
-            )  # fmt: skip
-        except (TimeoutError, MaxRetryError) as exc:
-            kind = "timeout" if "timed out" in str(exc).lower() else "connection_error"
-            raise _Retryable(kind, f"{kind}: {exc}") from None
-        except (ProtocolError, HTTPError, OSError) as exc:
-            raise _Retryable("connection_error", f"connection error: {exc}") from None
+        while True:
+            conn, reused = self._connection(key)
+            try:
+                if not reused:
+                    conn.connect()
+                    conn.timeout = self.cfg.read_timeout_s  # connect had its own timeout
+                conn.request("GET", path, headers=headers, preload_content=False)
+                resp = conn.getresponse()
+            except BaseException as exc:
+                conn.close()
+                if reused and isinstance(exc, (ConnectionError, http.client.HTTPException)):
+                    continue  # the server closed an idle connection: not the URL's failure
+                # urllib3 makes "connection refused" a kind of connect timeout: it is not one
+                timed_out = isinstance(exc, (TimeoutError, ConnectTimeoutError))
+                if timed_out and not isinstance(exc, NewConnectionError):
+                    raise _Retryable("timeout", f"timeout: {exc}") from None
+                if isinstance(exc, (OSError, http.client.HTTPException, HTTPError)):
+                    raise _Retryable("connection_error", f"connection error: {exc}") from None
+                raise
+            break
         try:
             body = self._read_body(resp)
         except BaseException:
-            resp.close()  # a half-read connection must never go back into the pool
+            conn.close()  # a half-read connection must never be used again
             raise
-        finally:
-            resp.release_conn()
+        # http.client drops the socket of a response that closes the connection (HTTP/1.0,
+        # "Connection: close"); only a connection still open and fully read is kept.
+        if conn.sock is not None and resp.length_remaining in (0, None):
+            self._keep(key, conn)
+        else:
+            conn.close()
         return resp.status, resp.headers, body
 
     def _read_body(self, resp: urllib3.BaseHTTPResponse) -> bytes:
@@ -216,21 +238,43 @@ class Fetcher:
             return FetchError("dns_error", f"no address for {host}")
         return str(infos[0][4][0])
 
-    def _pool(self, scheme: str, host: str, ip: str, port: int) -> urllib3.HTTPConnectionPool:
-        key = (scheme, host, ip, port)
+    def _connection(self, key: tuple) -> tuple[HTTPConnection, bool]:
+        """An idle kept-alive connection to ``key`` (and True), or a new, unconnected one."""
         with self._lock:
-            pool = self._pools.get(key)
-            if pool is None:
-                size = self.cfg.threads_per_task
-                if scheme == "https":
-                    pool = urllib3.HTTPSConnectionPool(
-                        ip, port, maxsize=size, block=False,
-                        server_hostname=host, assert_hostname=host,
-                    )  # fmt: skip
-                else:
-                    pool = urllib3.HTTPConnectionPool(ip, port, maxsize=size, block=False)
-                self._pools[key] = pool
-            return pool
+            idle = self._idle.get(key)
+            while idle:
+                conn = idle.pop()
+                self._n_idle -= 1
+                if conn.is_connected:  # not closed by the server meanwhile
+                    return conn, True
+                conn.close()
+        scheme, host, ip, port = key
+        timeout = self.cfg.connect_timeout_s
+        if scheme == "https":
+            # Connect to the checked address; verify the certificate against the host name.
+            conn = HTTPSConnection(
+                ip, port, timeout=timeout, server_hostname=host, assert_hostname=host,
+                cert_reqs="CERT_REQUIRED",
+            )  # fmt: skip
+        else:
+            conn = HTTPConnection(ip, port, timeout=timeout)
+        return conn, False
+
+    def _keep(self, key: tuple, conn: HTTPConnection) -> None:
+        """Keeps ``conn`` for the next request to its host: at most ``threads_per_task`` idle
+        connections in all, the least recently used closed first (a crawl over many hosts
+        must not hold a socket open per host it has seen)."""
+        with self._lock:
+            self._idle.setdefault(key, []).append(conn)
+            self._idle.move_to_end(key)
+            self._n_idle += 1
+            while self._n_idle > self.cfg.threads_per_task:
+                oldest = next(iter(self._idle))
+                stale = self._idle[oldest]
+                stale.pop(0).close()
+                self._n_idle -= 1
+                if not stale:
+                    del self._idle[oldest]
 
 
 def _split_url(url: str) -> tuple[str, str, int, str]:

@@ -7,7 +7,6 @@ Where the files live is `pipeline.layout`'s business.
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections.abc import Iterator
@@ -24,31 +23,60 @@ MANIFEST_SCHEMA = CRAWL_SCHEMA
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
 
 
+_BLOCK = tarfile.BLOCKSIZE  # 512
+_RECORD = tarfile.RECORDSIZE  # 20 blocks: tarfile pads the archive's end to a whole record
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte USTAR header of a regular file (mode 0644, owner 0, mtime 0): byte for byte
+    what ``tarfile`` writes for the same member, built without its per-member Python objects
+    (``TarInfo``, a copy of it, field-by-field encoding: most of a crawl task's tar cost)."""
+    raw = name.encode("utf-8")
+    if len(raw) > 100 or not raw.isascii() or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o644, 0
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    fields = (raw, b"\x00" * (100 - len(raw)), size, 0)  # name, its padding, size, mtime
+    head = b"%s%s0000644\x000000000\x000000000\x00%011o\x00%011o\x00" % fields
+    # type "0", no link name, the magic, then empty owner names, device numbers and prefix
+    tail = b"0" + b"\x00" * 100 + b"ustar\x0000" + b"\x00" * (_BLOCK - 156 - 109)
+    # The checksum is the sum of the header's bytes with its own 8-byte field read as spaces.
+    checksum = sum(head) + sum(tail) + 8 * 32
+    return head + b"%06o\x00 " % checksum + tail
+
+
 class TarSink:
-    """Appends KEY.jpg + KEY.json members to a temporary tar; ``commit`` renames it into place."""
+    """Appends KEY.jpg + KEY.json members to a temporary tar; ``commit`` renames it into place.
+
+    The archive is USTAR, as ``tarfile`` would write it (tested byte for byte), written directly.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file = AtomicFile(path)
-        self._tar = tarfile.open(self._file.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._out = open(self._file.tmp, "wb", buffering=1 << 20)  # noqa: SIM115 (commit / abort close it)
+        self._offset = 0
 
     def add(self, key: str, jpeg: bytes, meta: dict) -> None:
         self._member(f"{key}.jpg", jpeg)
         self._member(f"{key}.json", json.dumps(meta, default=str, sort_keys=True).encode())
 
     def _member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mode = 0o644
-        info.mtime = 0  # reproducible tars
-        self._tar.addfile(info, io.BytesIO(data))
+        pad = -len(data) % _BLOCK
+        self._out.write(ustar_header(name, len(data)))
+        self._out.write(data)
+        if pad:
+            self._out.write(b"\x00" * pad)
+        self._offset += _BLOCK + len(data) + pad
 
     def commit(self) -> None:
-        self._tar.close()
+        end = self._offset + 2 * _BLOCK  # two zero blocks close the archive ...
+        self._out.write(b"\x00" * (2 * _BLOCK + -end % _RECORD))  # ... padded to a record
+        self._out.close()
         self._file.commit()
 
     def abort(self) -> None:
-        self._tar.close()
+        self._out.close()
         self._file.abort()
 
 

@@ -48,6 +48,8 @@ def test_every_fault_is_recorded_and_the_shard_completes(image_server, crawl_cfg
     hits = {path: n - before.get(path, 0) for path, n in image_server.hits.items()}
     assert hits["fault/500-then-ok/1"] == 2
     assert hits["fault/404"] == 1
+    # A host that timed out is not waited on again (crawl.retry_timeouts is off by default).
+    assert hits["fault/slow"] == 1 and hits["fault/drip"] == 1
     # The tar holds exactly the successes, with carried columns in their JSON.
     samples = dict(iter_tar_samples(tmp_path / "00000.tar"))
     successes = {r["key"] for r in rows.values() if r["status"] == "success"}
@@ -80,3 +82,18 @@ def test_robots_directives_can_be_ignored(image_server, crawl_cfg, tmp_path):
     crawl_cfg.respect_robots_header = False
     crawl_shard(pa.table({"url": [image_server.url("fault/robots")]}), 0, tmp_path, crawl_cfg)
     assert pq.read_table(tmp_path / "00000.parquet")["status"].to_pylist() == ["success"]
+
+
+def test_timeouts_are_retried_only_when_asked(image_server, crawl_cfg):
+    from pipeline.fetch import Fetcher, FetchError
+
+    for retry_timeouts, attempts in ((False, 1), (True, 2)):
+        crawl_cfg.retry_timeouts = retry_timeouts
+        before = image_server.hits.get("fault/slow", 0)
+        try:
+            Fetcher(crawl_cfg).fetch(image_server.url("fault/slow"))
+        except FetchError as exc:
+            assert exc.kind == "timeout"
+        else:
+            raise AssertionError("the slow URL did not time out")
+        assert image_server.hits["fault/slow"] - before == attempts

@@ -126,3 +126,82 @@ def test_every_writer_is_atomic_and_leaves_nothing_behind_on_failure(tmp_path, m
             raise RuntimeError("killed mid-write")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no half.bin, no temporary
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _client_sockets(server_port: int) -> set[str]:
+    """This process's TCP sockets connected to ``server_port`` (the in-process server's own
+    ends of the same connections are left out), by inode."""
+    import os
+
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the listing's own descriptor, closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    connected = set()
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        remote_port, state, inode = int(fields[2].split(":")[1], 16), fields[3], fields[9]
+        if remote_port == server_port and state == "01" and inode in inodes:  # 01: ESTABLISHED
+            connected.add(inode)
+    return connected
+
+
+def test_keep_alive_reuses_one_connection_and_idle_ones_are_bounded(image_server, crawl_cfg):
+    """One host: serial requests share one connection. Many hosts (names resolving to the same
+    server): the fetcher keeps at most ``threads_per_task`` idle connections open in all, not
+    one per host it has seen (a shard over thousands of hosts would run out of descriptors)."""
+    crawl_cfg.threads_per_task = 2
+    port = int(image_server.url("x").split(":")[2].split("/")[0])
+    before = _client_sockets(port)
+    fetcher = Fetcher(crawl_cfg)
+    seen = []
+    for i in range(5):
+        assert fetcher.fetch(image_server.url(f"img/{i:06d}.jpg")).http_status == 200
+        seen.append(_client_sockets(port) - before)
+    assert len(seen[0]) == 1 and all(s == seen[0] for s in seen)
+    fetcher.close()
+    assert not _client_sockets(port) - before
+
+    fetcher = Fetcher(crawl_cfg, getaddrinfo=Resolver("127.0.0.1"))
+    open_counts = []
+    for i in range(6):
+        result = fetcher.fetch(f"http://host{i}.test:{port}/img/{i:06d}.jpg")
+        assert result.http_status == 200 and result.data
+        open_counts.append(len(_client_sockets(port) - before))
+    assert open_counts == [1, 2, 2, 2, 2, 2]
+    fetcher.close()
+    assert not _client_sockets(port) - before
+
+
+def test_https_certificates_are_verified(tmp_path, crawl_cfg):
+    """A TLS server whose certificate no authority signed is refused, whatever its bytes."""
+    import http.server
+    import ssl
+    import subprocess
+    import threading
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        crawl_cfg.retries = 0
+        fetcher = Fetcher(crawl_cfg, getaddrinfo=Resolver("127.0.0.1"))
+        with pytest.raises(FetchError) as err:
+            fetcher.fetch(f"https://localhost:{server.server_address[1]}/")
+        assert err.value.kind == "connection_error"
+        assert "CERTIFICATE_VERIFY_FAILED" in str(err.value)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -70,3 +70,26 @@ def test_phash_is_stable_under_rescale_and_differs_between_pictures(small_web):
     assert hamming(phash(a), phash(a.resize((a.width // 2, a.height // 2)))) <= 4
     assert hamming(phash(a), phash(b)) > 10
     assert 0 <= phash(a) < 2**64
+
+
+def test_jpeg_encoding_outside_the_gil_gives_the_same_bytes():
+    """``encode_jpeg`` (a per-thread memfd on Linux, so Pillow releases the GIL) gives exactly
+    what Pillow writes into memory, from many threads at once and for images of falling size
+    (the scratch file is emptied between them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.imaging import encode_jpeg
+
+    def reference(img: Image.Image, quality: int) -> bytes:
+        out = io.BytesIO()
+        img.save(out, format="JPEG", quality=quality)
+        return out.getvalue()
+
+    images = [Image.open(io.BytesIO(_jpeg(w, w // 2 + 7))) for w in (900, 40, 333, 8, 600)]
+    images = [img.convert("RGB").rotate(i * 17) for i, img in enumerate(images)]
+    # A copy per job: Pillow keeps save()'s options on the image object itself.
+    work = [(img.copy(), q) for img in images for q in (60, 95) for _ in range(8)]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda job: encode_jpeg(*job), work))
+    assert got == [reference(img, q) for img, q in work]
+    assert len(set(got)) == len(images) * 2  # the cases differ from one another
