@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.shardio import iter_tar_samples, read_stats
 from pipeline.stages.crawl import crawl_shard
@@ -90,10 +91,7 @@ def test_timeouts_are_retried_only_when_asked(image_server, crawl_cfg):
     for retry_timeouts, attempts in ((False, 1), (True, 2)):
         crawl_cfg.retry_timeouts = retry_timeouts
         before = image_server.hits.get("fault/slow", 0)
-        try:
+        with pytest.raises(FetchError) as err:
             Fetcher(crawl_cfg).fetch(image_server.url("fault/slow"))
-        except FetchError as exc:
-            assert exc.kind == "timeout"
-        else:
-            raise AssertionError("the slow URL did not time out")
+        assert err.value.kind == "timeout"
         assert image_server.hits["fault/slow"] - before == attempts
