@@ -36,6 +36,10 @@ class CrawlConfig:
     # its GIL to about one core (~250 images/s at 256 px), so 64 covers ~250 ms per URL; raise
     # it for slower hosts (see docs/pipeline.md, "Sizing a crawl").
     threads_per_task: int = 64
+    # Of those threads, how many may decode / resize / encode / hash at once. The rest wait on
+    # the network; a few CPU slots keep a task's cores busy without dozens of threads contending
+    # for its GIL.
+    cpu_slots_per_task: int = 2
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 10.0
     total_timeout_s: float = 60.0  # whole body download, against servers that drip bytes
@@ -181,6 +185,7 @@ def check_crawl_config(crawl: CrawlConfig) -> None:
         "crawl.image_size": crawl.image_size,
         "crawl.shard_size": crawl.shard_size,
         "crawl.threads_per_task": crawl.threads_per_task,
+        "crawl.cpu_slots_per_task": crawl.cpu_slots_per_task,
         "crawl.max_bytes": crawl.max_bytes,
         "crawl.max_pixels": crawl.max_pixels,
         "crawl.connect_timeout_s": crawl.connect_timeout_s,

@@ -40,9 +40,12 @@ log = logging.getLogger(__name__)
 
 @ray.remote(max_retries=2)
 def _crawl_task(table, shard_index: int, crawl_dir: str, crawl: CrawlConfig, kind: str):
-    """A Ray generator task: yields TAIL when its last row is in flight, then its stats."""
+    """A Ray generator task: yields TAIL when its last row is in flight, then its stats (with
+    the node that ran it)."""
     logging.basicConfig(level=logging.INFO)
-    yield from crawl_shard_steps(table, shard_index, Path(crawl_dir), crawl, kind)
+    node = ray.get_runtime_context().get_node_id()
+    for report in crawl_shard_steps(table, shard_index, Path(crawl_dir), crawl, kind):
+        yield report if report.get("tail") else {**report, "node_id": node}
 
 
 def connect(cfg: PipelineConfig, address: str | None) -> None:
@@ -103,17 +106,20 @@ class Progress:
         self.rows = self.successes = self.shards = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.failed_shards: list[int] = []
+        self.shards_per_node: collections.Counter[str] = collections.Counter()
 
     def add(self, stats: dict) -> None:
         self.shards += 1
+        self.shards_per_node[stats.get("node_id", "?")] += 1
         self.rows += stats["count"]
         self.successes += stats["successes"]
         self.errors.update(stats["errors"])
         elapsed = max(time.time() - self.started, 1e-9)
         top = ", ".join(f"{k}={v}" for k, v in self.errors.most_common(5)) or "none"
         log.info(
-            "shard %05d done: %d/%d rows, %.1f URLs/s, success %.1f%%, failures: %s",
-            stats["shard"], self.rows, self.total_rows, self.rows / elapsed,
+            "shard %05d done on node %s: %d/%d rows, %.1f URLs/s, success %.1f%%, failures: %s",
+            stats["shard"], stats.get("node_id", "?")[:8], self.rows, self.total_rows,
+            self.rows / elapsed,
             100.0 * self.successes / max(self.rows, 1), top,
         )  # fmt: skip
 
@@ -147,7 +153,11 @@ def _run_crawl(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
             continue
         while len(tasks.running) >= running_limit or len(tasks.pending) >= in_flight_limit:
             tasks.wait_one()
-        task = _crawl_task.options(num_cpus=cfg.ray.cpus_per_task / 2)
+        # SPREAD, not Ray's default: the default prefers the node that holds a task's
+        # arguments (here the driver's, which put every shard's table), and with half-CPU
+        # reservations it would pack twice its cores' worth of running shards there while other
+        # nodes idle.
+        task = _crawl_task.options(num_cpus=cfg.ray.cpus_per_task / 2, scheduling_strategy="SPREAD")
         tasks.add(task.remote(table, index, str(layout.crawl_dir), crawl, cfg.input.kind), index)
     while tasks.pending:
         tasks.wait_one()
@@ -157,6 +167,7 @@ def _run_crawl(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
         "crawled_shards": progress.shards,
         "skipped_shards": skipped,
         "failed_shards": progress.failed_shards,
+        "shards_per_node": dict(progress.shards_per_node),
         "unfinished": bool(progress.failed_shards),
     }
 

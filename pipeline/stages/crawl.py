@@ -7,10 +7,12 @@ its tail before its stats; ``crawl_shard`` runs it to the end, for tests and the
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,16 +49,24 @@ def key_width_for(shard_size: int) -> int:
     return max(4, len(str(shard_size - 1)))
 
 
-def crawl_row(row: dict, load: Loader, cfg: CrawlConfig) -> tuple[dict, bytes | None]:
-    """One input row -> (manifest fields, JPEG bytes or None); never raises for bad input."""
+def crawl_row(
+    row: dict, load: Loader, cfg: CrawlConfig, cpu_slots: threading.Semaphore | None = None
+) -> tuple[dict, bytes | None]:
+    """One input row -> (manifest fields, JPEG bytes or None); never raises for bad input.
+
+    With ``cpu_slots``, the work after the download (hash, decode, resize, encode) waits for a
+    slot: a task's many network threads share a few CPU slots.
+    """
     record = {name: None for name in MANIFEST_COLUMNS}
     record["url"] = row.get("url")
     try:
         if not isinstance(row.get("url"), str) or not row["url"].strip():
             raise FetchError("bad_url", f"missing or non-string URL: {row.get('url')!r}")
         data, record["http_status"] = load(row)
-        record["sha256"] = hashlib.sha256(data).hexdigest() if data else None
-        image = process_image(data, cfg)
+        with cpu_slots or contextlib.nullcontext():
+            record["sha256"] = hashlib.sha256(data).hexdigest() if data else None
+            image = process_image(data, cfg)
+            jpg_sha256 = hashlib.sha256(image.jpeg).hexdigest()
     except (FetchError, ImageError) as exc:
         record.update(status="failed", error_type=exc.kind, error_message=str(exc))
         record["http_status"] = getattr(exc, "http_status", None) or record["http_status"]
@@ -73,7 +83,7 @@ def crawl_row(row: dict, load: Loader, cfg: CrawlConfig) -> tuple[dict, bytes | 
         original_height=image.original_height,
         bytes=len(data),
         phash=image.phash,
-        jpg_sha256=hashlib.sha256(image.jpeg).hexdigest(),
+        jpg_sha256=jpg_sha256,
     )
     return record, image.jpeg
 
@@ -156,6 +166,7 @@ def _completed_results(pool, rows, load, cfg, previous, shard_index, width) -> I
     """
     finished: queue.SimpleQueue = queue.SimpleQueue()
     in_flight, limit = 0, cfg.threads_per_task * 2
+    cpu_slots = threading.Semaphore(cfg.cpu_slots_per_task)
     for row_index, row in enumerate(rows):
         key = sample_key(shard_index, row_index, width)
         old = previous.get(key)
@@ -163,7 +174,7 @@ def _completed_results(pool, rows, load, cfg, previous, shard_index, width) -> I
             record, jpeg, meta = old
             yield row_index, key, dict(record), jpeg, meta
             continue
-        future = pool.submit(crawl_row, row, load, cfg)
+        future = pool.submit(crawl_row, row, load, cfg, cpu_slots)
         future.add_done_callback(partial(_queue_row, finished, row_index, key))
         in_flight += 1
         if in_flight >= limit:

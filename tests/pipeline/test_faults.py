@@ -95,3 +95,46 @@ def test_timeouts_are_retried_only_when_asked(image_server, crawl_cfg):
             Fetcher(crawl_cfg).fetch(image_server.url("fault/slow"))
         assert err.value.kind == "timeout"
         assert image_server.hits["fault/slow"] - before == attempts
+
+
+def test_cpu_slots_bound_the_decoding_threads_and_change_no_output(
+    image_server, small_web, crawl_cfg, tmp_path, monkeypatch
+):
+    """8 download threads, 2 CPU slots: never more than 2 rows decode at once, and the shard's
+    manifest and tar are the same as with a slot per thread."""
+    import threading
+    import time
+
+    from pipeline.stages import crawl as crawl_stage
+
+    active, peak, lock = [0], [0], threading.Lock()
+    real = crawl_stage.process_image
+
+    def counted(data, cfg):  # the real decoder, with a count of the rows inside it
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.01)  # long enough for the other threads to pile up behind the slots
+            return real(data, cfg)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(crawl_stage, "process_image", counted)
+    table = pa.table({"url": [image_server.url(p) for p in small_web.paths()[:32]]})
+    crawl_cfg.threads_per_task = 8
+    # Both runs must see the same answers: no 1 s connect timeout on a busy test machine.
+    crawl_cfg.connect_timeout_s = crawl_cfg.read_timeout_s = crawl_cfg.total_timeout_s = 20.0
+    outputs = {}
+    for slots in (2, 8):
+        peak[0] = 0
+        crawl_cfg.cpu_slots_per_task = slots
+        crawl_shard(table, 0, tmp_path / str(slots), crawl_cfg)
+        manifest = pq.read_table(tmp_path / str(slots) / "00000.parquet")
+        outputs[slots] = (manifest, dict(iter_tar_samples(tmp_path / str(slots) / "00000.tar")))
+        assert peak[0] <= slots
+        if slots == 2:
+            assert peak[0] == 2  # the bound was reached, so it was what held the rest back
+    assert outputs[2][0].equals(outputs[8][0])
+    assert outputs[2][1] == outputs[8][1]
