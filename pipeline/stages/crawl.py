@@ -7,7 +7,6 @@ its tail before its stats; ``crawl_shard`` runs it to the end, for tests and the
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import json
 import logging
@@ -50,12 +49,12 @@ def key_width_for(shard_size: int) -> int:
 
 
 def crawl_row(
-    row: dict, load: Loader, cfg: CrawlConfig, cpu_slots: threading.Semaphore | None = None
+    row: dict, load: Loader, cfg: CrawlConfig, cpu_slots: threading.Semaphore
 ) -> tuple[dict, bytes | None]:
     """One input row -> (manifest fields, JPEG bytes or None); never raises for bad input.
 
-    With ``cpu_slots``, the work after the download (hash, decode, resize, encode) waits for a
-    slot: a task's many network threads share a few CPU slots.
+    The work after the download (hash, decode, resize, encode) waits for one of ``cpu_slots``:
+    a task's many network threads share a few CPU slots.
     """
     record = {name: None for name in MANIFEST_COLUMNS}
     record["url"] = row.get("url")
@@ -63,7 +62,7 @@ def crawl_row(
         if not isinstance(row.get("url"), str) or not row["url"].strip():
             raise FetchError("bad_url", f"missing or non-string URL: {row.get('url')!r}")
         data, record["http_status"] = load(row)
-        with cpu_slots or contextlib.nullcontext():
+        with cpu_slots:
             record["sha256"] = hashlib.sha256(data).hexdigest() if data else None
             image = process_image(data, cfg)
             jpg_sha256 = hashlib.sha256(image.jpeg).hexdigest()

@@ -49,9 +49,7 @@ def ray_head(tmp_path_factory):
            f"--dashboard-port={dashboard_port}", "--disable-usage-stats", f"--temp-dir={temp}"]  # fmt: skip
     # The agents' default ports are fixed: another Ray on this machine (a local ray.init, a
     # benchmark) would hold them and the job agent would never come up. Use free ones.
-    cmd += [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port", "ray-client-server-port")]  # fmt: skip
+    cmd += [*agent_port_flags(), f"--ray-client-server-port={_free_port()}"]
     head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     dashboard = f"http://127.0.0.1:{dashboard_port}"
@@ -67,6 +65,14 @@ def ray_head(tmp_path_factory):
         yield f"127.0.0.1:{port}", dashboard
     finally:
         _stop_group(head)
+
+
+def agent_port_flags() -> list[str]:
+    """`ray start` flags giving a node's agents free ports: their defaults are fixed, so a second
+    Ray on this machine (another node, a local ray.init, a benchmark) would clash."""
+    return [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port")]  # fmt: skip
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

@@ -12,19 +12,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import _free_port, _stop_group, wait_for
+from .conftest import _free_port, _stop_group, agent_port_flags, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 # The suite turns Ray's multi-node mode off (local clusters bind to loopback only); on here.
 ENV = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
-
-
-def _agent_ports() -> list[str]:
-    # Each raylet's agents need their own ports: the defaults are fixed and would clash.
-    return [f"--{name}={_free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-        "metrics-export-port")]  # fmt: skip
 
 
 def _nodes_alive(address: str) -> int:
@@ -44,7 +37,7 @@ def two_nodes(tmp_path_factory):
     head = subprocess.Popen(
         [RAY, "start", "--head", f"--port={port}", "--include-dashboard=false",
          f"--temp-dir={temp}", f"--ray-client-server-port={_free_port()}", *common,
-         *_agent_ports()],
+         *agent_port_flags()],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=ENV,
     )  # fmt: skip
     address = f"127.0.0.1:{port}"
@@ -52,7 +45,7 @@ def two_nodes(tmp_path_factory):
     try:
         assert wait_for(lambda: _nodes_alive(address) == 1, timeout_s=120, every_s=1.0)
         worker = subprocess.Popen(
-            [RAY, "start", f"--address={address}", *common, *_agent_ports()],
+            [RAY, "start", f"--address={address}", *common, *agent_port_flags()],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=ENV,
         )  # fmt: skip
         procs.append(worker)
