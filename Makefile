@@ -16,7 +16,7 @@ TORCHRUN := $(VENV)/bin/torchrun
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
 .PHONY: help setup test test-browser test-all demo lint format bench bench-crawl bench-vit bench-train \
-	bench-curation bench-learning clean
+	bench-curation bench-learning gpu-wheels gpu-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -127,6 +127,21 @@ bench-learning: setup  ## the silhouettes learning check: stock recipe, small-sc
 	$(PY) bench/learns_shapes.py --data silhouettes --images 8000 --steps 1200 --eval-every 400 \
 	    --lr 0.004 $(SMALL_SCALE)
 	$(PY) bench/peer_lightly_dino.py --steps 1200
+
+# The GPU machine has torch, torchvision, timm, pyarrow, pillow, scipy, pandas, safetensors,
+# tensorboard and pytest but no network: the rest of what the checklist imports travels as wheels
+# (`carry: [".wheels"]`; see bench/gpu_checklist.py). GPU_PYTHON: the device's Python version.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := webdataset==1.0.2 omegaconf antlr4-python3-runtime braceexpand urllib3 \
+	xformers==0.0.35 scikit-image lazy-loader imageio tifffile
+gpu-wheels: setup  ## download the wheels the GPU checklist needs into .wheels (about 20 MB)
+	rm -rf .wheels && $(PIP_ENV) $(VENV)/bin/pip download -q --no-deps --only-binary=:all: \
+	    --python-version $(GPU_PYTHON) --platform manylinux_2_28_x86_64 \
+	    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .wheels $(GPU_WHEELS)
+	@du -sh .wheels
+
+gpu-smoke: setup  ## the GPU checklist's steps on the CPU at toy sizes (before spending device time)
+	$(PY) bench/gpu_checklist.py --smoke --out runs/gpu-smoke
 
 clean:  ## remove the virtual environment and run outputs
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

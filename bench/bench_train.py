@@ -65,13 +65,7 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    totals = dict.fromkeys(PHASES, 0.0)
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            totals = dict.fromkeys(PHASES, 0.0)
-            dist.barrier()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+    def one_step(step: int) -> tuple[float, ...]:
         t0 = mark()
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
         t1 = mark()
@@ -87,8 +81,19 @@ def worker(args: argparse.Namespace) -> None:
         t4 = mark()
         arch.update_teacher(student, teacher, values.momentum)
         t5 = mark()
-        for name, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+        return t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4
+
+    totals = dict.fromkeys(PHASES, 0.0)
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            totals = dict.fromkeys(PHASES, 0.0)
+            dist.barrier()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        for name, dt in zip(PHASES, one_step(step)):
             totals[name] += dt
+    if args.profile and rank == 0:
+        profile_step(one_step, args.warmup + args.steps, device, Path(args.profile))
     per_rank = torch.tensor([totals[p] for p in PHASES], dtype=torch.float64)
     dist.all_reduce(per_rank, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
     if rank == 0:
@@ -116,12 +121,25 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+def profile_step(one_step, step: int, device, path: Path) -> None:
+    """One more step under torch.profiler: the top operators by self time, as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        one_step(step)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
+
+
 def run_case(args: argparse.Namespace, model: str, nproc: int, shards: str, tmp: str) -> dict:
     result = Path(tmp) / f"{model}-{nproc}.json"
     overrides = _overrides(args, model, shards, str(Path(tmp) / "out"))
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node",
+    profile = ["--profile", f"{args.profile}-{model}-{nproc}.txt"] if args.profile else []
+    # torchrun as a module: the interpreter's own, wherever its console scripts were installed
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            str(nproc), __file__, "--worker", "--result", str(result), "--config", args.config,
-           "--", *overrides]  # fmt: skip
+           *profile, "--", *overrides]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // nproc)), PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
@@ -167,6 +185,10 @@ def main() -> None:
         "--threads", type=int, default=1, help="intra-op threads shared by the procs (min 1 each)"
     )
     p.add_argument("--images", type=int, default=512, help="generated shapes in the shards")
+    p.add_argument(
+        "--profile",
+        help="profile one extra step of each case: top operators to PROFILE-MODEL-NPROC.txt",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     if args.worker:
