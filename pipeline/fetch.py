@@ -25,6 +25,10 @@ from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionErro
 from pipeline.config import CrawlConfig
 
 _CHUNK = 64 * 1024
+_REDIRECTS = (301, 302, 303, 307, 308)
+# A redirect's or an error's body is read to its end (so that its connection can serve the next
+# request) only while it stays this short and arrives within one read timeout.
+_DRAIN_BYTES = 64 * 1024
 
 
 class FetchError(Exception):
@@ -34,6 +38,7 @@ class FetchError(Exception):
         super().__init__(message)
         self.kind = kind
         self.http_status = http_status
+        self.drained = False  # an HTTP error whose body was read to its end
 
 
 class _Retryable(FetchError):
@@ -116,7 +121,7 @@ class Fetcher:
         seen = {url}
         for _ in range(self.cfg.max_redirects + 1):
             status, headers, body = self._request(url)
-            if status in (301, 302, 303, 307, 308):
+            if status in _REDIRECTS:
                 location = headers.get("location")
                 if not location:
                     raise FetchError("http_error", f"HTTP {status} without Location", status)
@@ -154,29 +159,35 @@ class Fetcher:
                 raise
             break
         try:
-            body = self._read_body(resp)
-        except BaseException:
-            conn.close()  # a half-read connection must never be used again
+            body, clean = self._read_body(resp)
+        except BaseException as exc:
+            self._release(key, conn, resp, isinstance(exc, FetchError) and exc.drained)
             raise
-        # http.client drops the socket of a response that closes the connection (HTTP/1.0,
-        # "Connection: close"); only a connection still open and fully read is kept.
-        if conn.sock is not None and resp.length_remaining in (0, None):
-            self._keep(key, conn)
-        else:
-            conn.close()
+        self._release(key, conn, resp, clean)
         return resp.status, resp.headers, body
 
-    def _read_body(self, resp: urllib3.BaseHTTPResponse) -> bytes:
+    def _release(self, key: tuple, conn: HTTPConnection, resp, clean: bool) -> None:
+        """Keep the connection for the host's next request only if its response was read to the
+        end (an image, or a short redirect or error body: a crawl meets many 404s on one host)
+        and it is still open (http.client drops the socket of a response that closes the
+        connection: HTTP/1.0, "Connection: close"). A half-read one is never used again."""
+        if clean and conn.sock is not None and resp.length_remaining in (0, None):
+            self._keep(key, conn)
+        else:
+            resp.close()  # its file object holds the socket open past conn.close()
+            conn.close()
+
+    def _read_body(self, resp: urllib3.BaseHTTPResponse) -> tuple[bytes, bool]:
+        """The body, and whether it was read to its end (the connection can be reused)."""
         status = resp.status
-        if status in (301, 302, 303, 307, 308):
-            resp.drain_conn()
-            return b""
-        if status >= 500:
-            resp.drain_conn()
-            raise _Retryable("http_error", f"HTTP {status}", status)
-        if status >= 400:
-            resp.drain_conn()
-            raise FetchError("http_error", f"HTTP {status}", status)
+        if status in _REDIRECTS or status >= 400:
+            drained = self._drain(resp)
+            if status in _REDIRECTS:
+                return b"", drained
+            kind = _Retryable if status >= 500 else FetchError
+            error = kind("http_error", f"HTTP {status}", status)
+            error.drained = drained
+            raise error
         if self.cfg.respect_robots_header:
             directive = robots_opt_out(
                 resp.headers.getlist("x-robots-tag"), self.cfg.robots_opt_outs
@@ -204,7 +215,25 @@ class Fetcher:
         except (TimeoutError, ProtocolError, HTTPError, OSError) as exc:
             kind = "timeout" if "timed out" in str(exc).lower() else "connection_error"
             raise _Retryable(kind, f"{kind} while reading body: {exc}", status) from None
-        return b"".join(chunks)
+        return b"".join(chunks), True
+
+    def _drain(self, resp: urllib3.BaseHTTPResponse) -> bool:
+        """Read and drop a redirect's or an error's body if it is short and quick; True when it
+        ended. A long or slow one is abandoned (its connection is then closed) rather than read
+        to the end: a hostile server's 404 can drip bytes forever."""
+        declared = resp.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > _DRAIN_BYTES:
+            return False
+        deadline = time.monotonic() + self.cfg.read_timeout_s
+        size = 0
+        try:
+            while chunk := resp.read1(_CHUNK):
+                size += len(chunk)
+                if size > _DRAIN_BYTES or time.monotonic() > deadline:
+                    return False
+        except (TimeoutError, ProtocolError, HTTPError, OSError):
+            return False
+        return True
 
     def resolve(self, host: str, port: int) -> str:
         """The checked address to connect to for (host, port).

@@ -8,6 +8,7 @@ near duplicates (re-encoded, slightly rescaled copies whose pHash stays within t
     /fault/404  /fault/500-then-ok/<id>  /fault/slow  /fault/truncated.jpg  /fault/html
     /fault/empty  /fault/bomb.png  /fault/loop-a  /fault/big  /fault/robots  /fault/redirect
     /fault/drip (bytes trickle in: each read is quick, the whole body is not)
+    /fault/404-drip (the same for a 404's body)
 """
 
 from __future__ import annotations
@@ -330,17 +331,23 @@ class _Handler(BaseHTTPRequestHandler):
         if name == "redirect":
             return self._send(302, b"", "text/plain", {"Location": "/fault/robots-free"})
         if name == "drip":
-            return self._drip(faults["image"])
+            return self._drip(200, faults["image"], "image/jpeg")
+        if name == "404-drip":  # an error page that never ends: 1 MB at 320 bytes/s, no length
+            return self._drip(404, b"not found " * 100_000, "text/html", declare_length=False)
         if name == "robots-free":
             return self._send(200, faults["image"], "image/jpeg")
         self._send(404, b"unknown fault", "text/plain")
 
-    def _drip(self, body: bytes) -> None:
-        """A few bytes at a time, each within any read timeout, the whole far too slowly."""
+    def _drip(self, status: int, body: bytes, ctype: str, declare_length: bool = True) -> None:
+        """A few bytes at a time, each within any read timeout, the whole far too slowly.
+        Without a declared length the body ends only when the connection closes."""
         try:
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            if declare_length:
+                self.send_header("Content-Length", str(len(body)))
+            else:
+                self.close_connection = True
             self.end_headers()
             for start in range(0, len(body), 64):
                 self.wfile.write(body[start : start + 64])

@@ -22,6 +22,7 @@ EXPECTED = {
     "fault/robots": ("failed", "robots_opt_out", 200),
     "fault/redirect": ("success", None, 200),
     "fault/drip": ("failed", "timeout", 200),
+    "fault/404-drip": ("failed", "http_error", 404),
 }
 
 
@@ -48,14 +49,14 @@ def test_every_fault_is_recorded_and_the_shard_completes(image_server, crawl_cfg
     # Retried exactly once after the 500; 4xx never retried.
     hits = {path: n - before.get(path, 0) for path, n in image_server.hits.items()}
     assert hits["fault/500-then-ok/1"] == 2
-    assert hits["fault/404"] == 1
+    assert hits["fault/404"] == 1 and hits["fault/404-drip"] == 1
     # A host that timed out is not waited on again (crawl.retry_timeouts is off by default).
     assert hits["fault/slow"] == 1 and hits["fault/drip"] == 1
     # The tar holds exactly the successes, with carried columns in their JSON.
     samples = dict(iter_tar_samples(tmp_path / "00000.tar"))
     successes = {r["key"] for r in rows.values() if r["status"] == "success"}
     assert set(samples) == successes and len(successes) == 3
-    assert read_stats(tmp_path / "00000.stats.json")["errors"]["http_error"] == 1
+    assert read_stats(tmp_path / "00000.stats.json")["errors"]["http_error"] == 2
 
 
 def test_private_and_metadata_addresses_refused_unless_allowed(image_server, crawl_cfg, tmp_path):

@@ -177,6 +177,33 @@ def test_keep_alive_reuses_one_connection_and_idle_ones_are_bounded(image_server
     assert not _client_sockets(port) - before
 
 
+def test_short_error_bodies_keep_the_connection_and_an_endless_one_is_cut_off(
+    image_server, crawl_cfg
+):
+    """A 404 or a redirect read to its end leaves its connection for the next URL of the host;
+    an error body that drips forever is abandoned within a read timeout, its connection closed
+    (reading it to the end would hold the thread, and the shard, forever)."""
+    port = int(image_server.url("x").split(":")[2].split("/")[0])
+    before = _client_sockets(port)
+    fetcher = Fetcher(crawl_cfg)
+    assert fetcher.fetch(image_server.url("img/000000.jpg")).http_status == 200
+    first = _client_sockets(port) - before
+    assert len(first) == 1
+    for path, status in (("fault/404", 404), ("fault/redirect", 200), ("img/000001.jpg", 200)):
+        try:
+            assert fetcher.fetch(image_server.url(path)).http_status == status
+        except FetchError as exc:
+            assert (exc.kind, exc.http_status) == ("http_error", status)
+        assert _client_sockets(port) - before == first, path  # still the one connection
+    started = time.monotonic()
+    with pytest.raises(FetchError) as caught:
+        fetcher.fetch(image_server.url("fault/404-drip"))
+    assert (caught.value.kind, caught.value.http_status) == ("http_error", 404)
+    assert time.monotonic() - started < crawl_cfg.read_timeout_s + 2
+    assert not _client_sockets(port) - before  # closed, not kept half-read
+    fetcher.close()
+
+
 def test_https_certificates_are_verified(tmp_path, crawl_cfg):
     """A TLS server whose certificate no authority signed is refused, whatever its bytes."""
     import http.server
