@@ -18,6 +18,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.config import INPUT_KINDS, InputConfig
+from pipeline.fetch import FetchError
 from pipeline.layout import is_reserved_field
 
 URL_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".txt": "txt"}
@@ -181,17 +182,37 @@ def _tar_batches(pattern: str) -> Iterator[pa.RecordBatch]:
             )
 
 
-def local_loader(kind: str):
-    """Row -> (bytes, None) for local sources: a file path, or a member of a tar by offset."""
+def local_loader(kind: str, max_bytes: int):
+    """Row -> (bytes, None) for local sources: a file path, or a member of a tar by offset.
+
+    The same cap as a download (``crawl.max_bytes``) applies, checked before reading; a file
+    that cannot be read (gone, a directory, no permission, a tar cut short) is the row's
+    ``read_error``, not a bug.
+    """
 
     def load_file(row: dict) -> tuple[bytes, None]:
-        with open(row["url"], "rb") as f:
-            return f.read(), None
+        try:
+            with open(row["url"], "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                data = b"" if size > max_bytes else f.read(max_bytes + 1)  # it may have grown
+        except OSError as exc:
+            raise FetchError("read_error", f"cannot read {row['url']}: {exc}") from None
+        if size > max_bytes or len(data) > max_bytes:
+            raise FetchError("too_large", f"{max(size, len(data))} bytes > max_bytes={max_bytes}")
+        return data, None
 
     def load_tar_member(row: dict) -> tuple[bytes, None]:
-        tar_path = row["url"].split("#", 1)[0]
-        with open(tar_path, "rb") as f:
-            f.seek(row["tar_offset"])
-            return f.read(row["tar_size"]), None
+        tar_path, size = row["url"].split("#", 1)[0], row["tar_size"]
+        if size > max_bytes:
+            raise FetchError("too_large", f"tar member of {size} bytes > max_bytes={max_bytes}")
+        try:
+            with open(tar_path, "rb") as f:
+                f.seek(row["tar_offset"])
+                data = f.read(size)
+        except OSError as exc:
+            raise FetchError("read_error", f"cannot read {tar_path}: {exc}") from None
+        if len(data) != size:
+            raise FetchError("read_error", f"{tar_path} ends {size - len(data)} bytes early")
+        return data, None
 
     return load_file if kind == "folder" else load_tar_member

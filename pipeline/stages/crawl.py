@@ -115,7 +115,7 @@ def crawl_shard_steps(
     previous = _previous_results(paths) if paths.stats.exists() else {}
     rows = table.to_pylist()
     fetcher = Fetcher(cfg) if kind == "urls" else None
-    load = _url_loader(fetcher) if fetcher else local_loader(kind)
+    load = _url_loader(fetcher) if fetcher else local_loader(kind, cfg.max_bytes)
     paths.stats.unlink(missing_ok=True)  # not done until rewritten below
     sink = TarSink(paths.tar)
     records: list[dict | None] = [None] * len(rows)

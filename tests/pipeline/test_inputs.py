@@ -170,3 +170,42 @@ def test_folder_and_tar_sources(tmp_path):
         check_input(InputConfig(kind="folder", folder=str(tmp_path / "missing")))
     with pytest.raises(InputError, match="matches no files"):
         check_input(InputConfig(kind="tars", tars=str(tmp_path / "none-*.tar")))
+
+
+def test_unreadable_and_oversized_local_files_are_recorded_rows(tmp_path):
+    """A file gone between listing and crawling, one over crawl.max_bytes, a tar cut short and a
+    member over the cap: each is its row's error (not an internal error), the rest succeed."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good = _image((10, 200, 30))
+    for name, data in (("a.png", good), ("b.png", good + b"\0" * 5_000), ("gone.png", good)):
+        (folder / name).write_bytes(data)
+    ((_, table),) = list(iter_shards(InputConfig(kind="folder", folder=str(folder)), 100))
+    (folder / "gone.png").unlink()
+    cfg = CrawlConfig(image_size=64, max_bytes=len(good) + 1_000)
+    crawl_shard(table, 0, tmp_path / "out", cfg, "folder")
+    rows = {
+        Path(r["url"]).name: r for r in pq.read_table(tmp_path / "out/00000.parquet").to_pylist()
+    }
+    assert (rows["a.png"]["status"], rows["b.png"]["error_type"]) == ("success", "too_large")
+    assert rows["gone.png"]["error_type"] == "read_error"
+    assert "gone.png" in rows["gone.png"]["error_message"]
+
+    tar_path = tmp_path / "src-000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in (("ok.png", good), ("big.png", good + b"\0" * 5_000), ("cut.png", good)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ((_, table),) = list(iter_shards(InputConfig(kind="tars", tars=str(tar_path)), 100))
+    cut_at = table.to_pylist()[2]["tar_offset"] + 100  # the last member loses all but 100 bytes
+    with open(tar_path, "r+b") as f:
+        f.truncate(cut_at)
+    crawl_shard(table, 1, tmp_path / "out", cfg, "tars")
+    rows = {
+        r["url"].split("#")[1]: r for r in pq.read_table(tmp_path / "out/00001.parquet").to_pylist()
+    }
+    assert rows["ok.png"]["status"] == "success"
+    assert rows["big.png"]["error_type"] == "too_large"
+    assert rows["cut.png"]["error_type"] == "read_error"
+    assert "bytes early" in rows["cut.png"]["error_message"]
