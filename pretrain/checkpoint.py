@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from pretrain import dcp_safe
 from pretrain.configtools import ConfigError, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def load_checkpoint(
     meta = read_meta(path)
     check_model_matches(meta, model_signature, path)
     state = _state_dict(student, teacher, optimizer, losses)
-    dcp.load(state, checkpoint_id=str(path))
+    dcp_safe.load(state, path)  # no code from the checkpoint's pickles
     set_model_state_dict(student, state["student"])
     set_model_state_dict(teacher, state["teacher"])
     set_optimizer_state_dict(student, optimizer, state["optimizer"])

@@ -12,10 +12,10 @@ import argparse
 from pathlib import Path
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from pretrain import dcp_safe
 from pretrain.config import TrainConfig
 from pretrain.configtools import load_config
 from pretrain.models.loading import EXPORT_NAME
@@ -68,7 +68,7 @@ def load_teacher_backbone(run_dir: str | Path) -> nn.Module:
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir} holds neither {EXPORT_NAME} nor a checkpoint")
     state = {"teacher": teacher.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt))  # no process group: reads every shard here
+    dcp_safe.load(state, ckpt)  # no process group: reads every shard here
     teacher.load_state_dict(state["teacher"])
     return teacher.backbone
 

@@ -148,3 +148,56 @@ def test_activation_checkpointing_gives_the_same_losses(full_run, shard_dir, hel
     # the schedule length does, so compare step 1, taken at lr 0).
     got, want = helpers.read_metrics(out)[0], helpers.read_metrics(full_run)[0]
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a crafted checkpoint would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_checkpoint_runs_no_code(stopped_run, tmp_path):
+    """DCP's own reader unpickles `.metadata` and torch.loads non-tensor items with
+    weights_only=False; dinoforge's loader refuses both, and still loads a genuine checkpoint."""
+    import io
+    import pickle
+
+    from pretrain.dcp_safe import SafeLoadPlanner, UnsafeCheckpointError
+    from pretrain.export import load_teacher_backbone
+
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    genuine = load_teacher_backbone(run)  # no export in a stopped run: the DCP checkpoint
+    assert genuine.cls_token.abs().sum() > 0
+    (ckpt,) = sorted((run / "checkpoints").glob("step_*"))
+    marker = tmp_path / "pwned"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(UnsafeCheckpointError, match="refusing to load posix.system"):
+        load_teacher_backbone(run)
+    assert not marker.exists()
+
+    planner = SafeLoadPlanner()  # the non-tensor items (optimizer param groups)
+    planner.flatten_state_dict, planner.state_dict = False, {}
+    item = type("ReadItem", (), {"dest_index": type("Index", (), {"fqn": "x"})()})()
+    good = io.BytesIO()
+    torch.save({"lr": 0.5, "betas": (0.9, 0.99), "params": [0, 1], "fused": None}, good)
+    good.seek(0)
+    planner.load_bytes(item, good)
+    assert planner.state_dict["x"] == {
+        "lr": 0.5,
+        "betas": (0.9, 0.99),
+        "params": [0, 1],
+        "fused": None,
+    }
+    bad = io.BytesIO()
+    torch.save(_Payload(marker), bad)
+    bad.seek(0)
+    with pytest.raises(pickle.UnpicklingError):
+        planner.load_bytes(item, bad)
+    assert not marker.exists()
