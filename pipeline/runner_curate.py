@@ -34,7 +34,7 @@ from pipeline.layout import (
 from pipeline.shardio import read_stats, write_npy_atomic, write_parquet_atomic, write_stats
 from pipeline.stages import cluster as cl
 from pipeline.stages.curate import RowSubset
-from pretrain.configtools import to_object
+from pretrain.configtools import ConfigError, to_object
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,12 @@ def _assign_task(centroids: np.ndarray, path: str, rows: np.ndarray, chunk: int,
     return cl.assign_parts(centroids, [part], chunk, use_gpu)
 
 
+def _cluster_token(cfg: PipelineConfig, layout: RunLayout) -> str:
+    return token(plan.stage_settings(cfg, "cluster"), _pool_token(layout))
+
+
 def run_cluster(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous) -> dict:
-    input_token = token(plan.stage_settings(cfg, "cluster"), _pool_token(layout))
+    input_token = _cluster_token(cfg, layout)
     if plan.is_done(previous, input_token) and layout.assignments.exists():
         log.info("cluster: up to date with the pool, skipped")
         return {"skipped": True, "input_token": input_token}
@@ -146,6 +150,13 @@ def run_curate(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
     if plan.is_done(previous, input_token) and layout.selection.exists():
         log.info("curate: up to date, skipped")
         return {"skipped": True, "input_token": input_token}
+    if _input_token_of(layout, "cluster") != _cluster_token(cfg, layout):
+        # the clusters index the pool's rows: those of another pool would label the wrong images
+        raise ConfigError(
+            f"{layout.root}: the cluster stage's output was computed from another pool (the "
+            "crawl, embed or semantic dedup ran again since): add cluster to stages "
+            "(stages=[cluster,curate,...])"
+        )
     ccfg = to_object(cfg.curate)
     parts, keys, _, _ = kept_pool(layout)
     levels = read_levels(layout)

@@ -442,6 +442,26 @@ def test_rerun_skips_and_changed_settings_are_refused(curated_run, eval_dir, see
     assert list(expected.values()).count("semantic") > 0
 
 
+def test_curate_refuses_the_clusters_of_another_pool(curated_run, eval_dir, seeds_dir,
+                                                     ray_address, tmp_path):  # fmt: skip
+    """The crawl's failures fetched again and the stages up to semantic dedup rerun (a new
+    pool), then curate alone: the clusters index the old pool's rows, so curate refuses them."""
+    urls, out, _ = curated_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    same = (f"decontaminate.sets=[{eval_dir}]", f"curate.seeds={seeds_dir}")
+    pool = _cli(*_args(urls, run, *same, "crawl.retry_failed=true",
+                       "stages=[crawl,dedup,embed,semdedup]"), address=ray_address)  # fmt: skip
+    assert pool.returncode == 0, pool.stderr[-3000:]
+    assert not json.loads(pool.stdout)["semdedup"].get("skipped")
+    stale = _cli(*_args(urls, run, *same, "stages=[curate]"), address=ray_address)
+    assert stale.returncode == 2
+    assert "computed from another pool" in stale.stderr and "add cluster" in stale.stderr
+    fresh = _cli(*_args(urls, run, *same, "stages=[cluster,curate]"), address=ray_address)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert not json.loads(fresh.stdout)["cluster"].get("skipped")
+
+
 def test_sigkill_during_embed_then_rerun(curated_run, ray_address, tmp_path, wait):
     """A driver killed mid-stage leaves finished shards only; the rerun gives the very files of
     an uninterrupted run, no row twice."""
