@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
+
+from pretrain.data.tars import tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class ShardStream(IterableDataset):
             shard = rng.choice(shards)
             got = 0
             try:
-                for sample in wds.tarfile_samples(iter([{"url": shard}])):
+                for sample in tar_samples(shard):
                     got += 1
                     yield sample
             except Exception as exc:  # a truncated or garbled tar: keep what came before

@@ -8,10 +8,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import webdataset as wds
 from PIL import Image
 
 from pretrain.data.loader import IMAGE_EXTENSIONS, decode_image, resolve_shards
+from pretrain.data.tars import tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _from_shards(spec: str) -> LabelledImages:
     images: list[Image.Image] = []
     skipped = 0
     for shard in resolve_shards(spec):
-        for sample in wds.tarfile_samples(iter([{"url": shard}])):
+        for sample in tar_samples(shard):
             key = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
             try:
                 label = _sample_label(sample)

@@ -188,3 +188,40 @@ def test_image_key_picks_the_configured_field(tmp_path):
         dataset = _stream([str(shard)], 0, batch=4, streams=1, image_keys=keys)
         ((_, x),) = _take(dataset, 0, 1)
         assert (x.argmax(dim=1) == channel).all(), keys
+
+
+def test_shards_are_read_as_plain_bounded_tar_files(tmp_path, monkeypatch):
+    """A compressed stream behind a .tar name is not decompressed, a member over the cap is
+    skipped unread (its sample still comes, without that field), and a shard whose name looks
+    like a WebDataset URL (`pipe:...`) is read as the file it is, never run."""
+    import gzip
+    import io
+    import tarfile
+
+    from pretrain.data.tars import tar_samples
+
+    small, big = b"x" * 100, b"y" * 5000
+    members = [("a.jpg", small), ("a.cls", b"1"), ("b.jpg", big), ("b.cls", b"2"),
+               ("sub/c.JPG", small), ("__meta__.json", b"{}")]  # fmt: skip
+    plain = tmp_path / "plain.tar"
+    with tarfile.open(plain, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = list(tar_samples(str(plain), max_member_bytes=1000))
+    assert [s["__key__"] for s in samples] == ["a", "b", "sub/c"]
+    assert samples[0] == {"__key__": "a", "__url__": str(plain), "jpg": small, "cls": b"1"}
+    assert samples[1] == {"__key__": "b", "__url__": str(plain), "cls": b"2"}  # jpg over the cap
+    assert samples[2]["jpg"] == small  # field names lowercased, as WebDataset does
+
+    disguised = tmp_path / "gz.tar"
+    disguised.write_bytes(gzip.compress(plain.read_bytes()))
+    with pytest.raises(tarfile.ReadError):
+        list(tar_samples(str(disguised)))
+
+    monkeypatch.chdir(tmp_path)
+    odd = "pipe:touch ran;.tar"
+    (tmp_path / odd).write_bytes(plain.read_bytes())
+    assert len(list(tar_samples(odd))) == 3
+    assert not (tmp_path / "ran").exists()
