@@ -12,7 +12,7 @@ import torch
 from pretrain.configtools import atomic_write_text
 from pretrain.eval.features import backbone_for_eval, extract_features
 from pretrain.eval.knn import knn_accuracy
-from pretrain.eval.labelled import load_labelled
+from pretrain.eval.labelled import labels_in, load_labelled
 from pretrain.eval.linear import linear_probe
 
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     x_train = extract_features(backbone, train.images, size, **feats)
     x_val = extract_features(backbone, val.images, size, **feats)
-    y_train, y_val = torch.tensor(train.labels), torch.tensor(val.labels)
+    y_train, y_val = torch.tensor(train.labels), torch.tensor(labels_in(val, train))
     if args.protocol == "knn":
         ks = tuple(int(k) for k in args.ks.split(","))
         accs = knn_accuracy(x_train, y_train, x_val, y_val, ks=ks, temperature=args.temperature)

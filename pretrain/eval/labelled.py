@@ -79,6 +79,17 @@ def _from_shards(spec: str) -> LabelledImages:
     return LabelledImages(images, [index[x] for x in raw_labels], names, skipped)
 
 
+def labels_in(data: LabelledImages, reference: LabelledImages, what: str = "val") -> list[int]:
+    """``data``'s labels as indices into ``reference``'s classes (by name). Each set numbers its
+    own classes, so a val set that lacks one of train's classes would otherwise shift every
+    label after it; a class that train does not have is an error."""
+    index = {name: i for i, name in enumerate(reference.classes)}
+    unknown = sorted(set(data.classes) - set(index))
+    if unknown:
+        raise ValueError(f"{what} has classes that train lacks: {unknown[:10]}")
+    return [index[data.classes[label]] for label in data.labels]
+
+
 def load_labelled(spec: str) -> LabelledImages:
     path = Path(spec)
     data = (

@@ -58,7 +58,9 @@ def test_labelled_folders_and_shards(tmp_path):
 
 
 def test_cli_knn_and_linear_write_json(tmp_path, capsys):
-    write_shapes_folders(tmp_path / "a", 40, seed=1)
+    # one labelling for both sets: a folder names classes, these shards number them (a folder
+    # against such shards is refused: tested below)
+    write_shapes_shards(tmp_path / "a", 40, per_shard=20, seed=1)
     write_shapes_shards(tmp_path / "b", 20, per_shard=10, seed=2)
     out = tmp_path / "knn.json"
     args = ["--random-init", "--model", "vit_test", "--image-size", "56",
@@ -70,6 +72,32 @@ def test_cli_knn_and_linear_write_json(tmp_path, capsys):
     assert "knn_top1_k20" in capsys.readouterr().out
     lin = eval_main(["linear", *args, "--epochs", "2", "--output", str(tmp_path / "lin.json")])
     assert 0.0 <= lin["accuracy"] <= 1.0 and (tmp_path / "lin.json").is_file()
+
+
+def test_val_labels_follow_train_class_names_when_a_class_is_missing(tmp_path):
+    """Each set numbers its own classes: val without train's first class must still label its
+    images by name in train's numbering (else every label shifts by one)."""
+    from PIL import Image
+
+    from pretrain.eval.labelled import labels_in
+
+    colours = {"apple": (200, 30, 30), "bird": (30, 200, 30), "cloud": (30, 30, 200)}
+    for split, names in (("train", colours), ("val", ("bird", "cloud"))):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), colours[name]).save(tmp_path / split / name / f"{i}.png")
+    train, val = load_labelled(str(tmp_path / "train")), load_labelled(str(tmp_path / "val"))
+    assert val.labels == [0, 0, 1, 1]  # val's own numbering
+    assert labels_in(val, train) == [1, 1, 2, 2]  # bird and cloud in train's
+    (tmp_path / "val" / "dragon").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "dragon" / "0.png")
+    with pytest.raises(ValueError, match="val has classes that train lacks: \\['dragon'\\]"):
+        labels_in(load_labelled(str(tmp_path / "val")), train)
+    # shards that number their classes (json label 0..3) against a folder that names them
+    shards = load_labelled(write_shapes_shards(tmp_path / "s", 8, per_shard=8)[0])
+    with pytest.raises(ValueError, match="val has classes that train lacks"):
+        labels_in(shards, load_labelled(str(write_shapes_folders(tmp_path / "f", 8))))
 
 
 def _run_dir(tmp_path, *overrides: str):
