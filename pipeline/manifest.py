@@ -9,6 +9,7 @@ import collections
 import hashlib
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -230,9 +231,15 @@ def _validate_shard(name: str, tar: Path, parquet: Path, stats: dict) -> list[st
         problems.append(f"{name}: parquet has {table.num_rows} rows, stats say {stats['count']}")
     expected = {r["key"]: r for r in table.to_pylist() if r["status"] == "success"}
     try:
-        found = dict(iter_tar_samples(tar))
+        samples = list(iter_tar_samples(tar))
+        with tarfile.open(tar) as archive:  # a sample appended again folds into one above
+            members = collections.Counter(m.name for m in archive if m.isfile())
     except Exception as exc:
         return problems + [f"{name}: unreadable tar: {exc}"]
+    for member, times in sorted(members.items()):
+        if times > 1:
+            problems.append(f"{name}: tar member {member} appears {times} times")
+    found = dict(samples)
     for key in sorted(set(expected) - set(found)):
         problems.append(f"{name}: {key} in parquet but not in tar")
     for key in sorted(set(found) - set(expected)):

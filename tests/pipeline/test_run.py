@@ -3,6 +3,7 @@ resume after SIGKILL, retry_failed."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -88,6 +89,19 @@ def test_crawl_dedup_manifest(image_server, small_web, url_file, ray_address, tm
     assert check.returncode == 1
     problems = json.loads(check.stdout)["problems"]
     assert problems and all(p.startswith("00001") for p in problems)
+
+    # A sample appended a second time (`tar -r`): its key reads back once, the members twice.
+    tar2 = out / "crawl" / "00002.tar"
+    with tarfile.open(tar2) as archive:
+        first = [m for m in archive.getmembers() if m.isfile()][:2]
+        copies = [(m, archive.extractfile(m).read()) for m in first]
+    with tarfile.open(tar2, "a") as archive:
+        for member, data in copies:
+            archive.addfile(member, io.BytesIO(data))
+    problems = json.loads(_cli("manifest", "validate", str(out), "--json").stdout)["problems"]
+    assert [p for p in problems if p.startswith("00002")] == [
+        f"00002: tar member {m.name} appears 2 times" for m in sorted(first, key=lambda m: m.name)
+    ]
 
 
 def _tamper(tar_path: Path) -> None:
