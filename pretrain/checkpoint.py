@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pretrain import dcp_safe
-from pretrain.configtools import ConfigError, atomic_write_text
+from pretrain.configtools import AtomicFile, ConfigError, atomic_write_text, fsync_dir
 
 log = logging.getLogger(__name__)
 _PREFIX = "step_"
@@ -134,7 +134,8 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
     dcp.save(_state_dict(student, teacher, optimizer, losses), checkpoint_id=str(tmp))
-    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    with AtomicFile(tmp / f"rng_rank{_rank()}.pt") as rng_file:  # DCP fsyncs its own files
+        torch.save(rng_state(), rng_file)
     _barrier()
     if _rank() == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -144,6 +145,7 @@ def save_checkpoint(
         if final.exists():  # a rerun of the same step: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_dir(ckpt_dir)  # the new checkpoint's name is on disk before older ones go
         for old in list_checkpoints(ckpt_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("saved checkpoint %s", final)

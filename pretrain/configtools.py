@@ -114,6 +114,15 @@ _UMASK = os.umask(0)  # read once, at import (single-threaded): os.umask can onl
 os.umask(_UMASK)
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the names in ``path`` (a rename into it) durable."""
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 class AtomicFile:
     """A file written under a writer-unique temporary name beside ``path`` (``.NAME.*.tmp``, so
     a stray writer of a killed run never shares it with the rerun's); ``commit`` fsyncs it,
@@ -141,11 +150,7 @@ class AtomicFile:
         with open(self.tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(self.tmp, self.path)
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        fsync_dir(self.path.parent)
 
     def abort(self) -> None:
         self.tmp.unlink(missing_ok=True)
