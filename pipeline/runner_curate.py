@@ -387,6 +387,10 @@ def run_write(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous)
             failed.append(i)
     if failed:
         return {"unfinished": True, "failed_shards": failed}
+    stale = wr.remove_beyond(out_dir, len(shards))
+    if stale:
+        log.info("write: removed %d files of shards beyond this selection's %d", len(stale),
+                 len(shards))  # fmt: skip
     tars = [layout.curated_shard(i) for i in range(len(shards))]
     manifest = _manifest_table(layout, shards, fields)
     write_parquet_atomic(manifest, layout.curated_manifest)

@@ -350,14 +350,31 @@ def shard_done(
 ) -> bool:
     """The shard's tar and marker exist and the marker was written for these entries (in this
     order) and, when ``fields`` is given, these curation fields: a changed plan or changed
-    fields make it not done. Reads the marker only (`validate_curated` hashes the tar)."""
+    fields make it not done, and so does a tar whose size is not the marker's (cut short or
+    edited). Reads the marker and the tar's size only (`validate_curated` hashes the tar)."""
     marker = read_done(out_tar)
     return (
         marker is not None
         and Path(out_tar).exists()
+        and marker.get("bytes") == Path(out_tar).stat().st_size
         and marker.get("keys") == [k for k, _ in entries]
         and (fields is None or marker.get("token") == shard_token(entries, fields))
     )
+
+
+def remove_beyond(shards_dir: Path, count: int) -> list[Path]:
+    """Remove the shards numbered ``count`` and up (tar and marker): what an earlier, larger
+    selection left behind, which `validate` would report and a glob over the folder would train
+    on. Returns what was removed."""
+    removed = []
+    for path in sorted(Path(shards_dir).glob("*.tar")) + sorted(
+        Path(shards_dir).glob(f"*{DONE_SUFFIX}")
+    ):
+        stem = path.name.split(".", 1)[0]
+        if stem.isdigit() and int(stem) >= count:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def clear_partial(shards_dir: Path) -> list[Path]:

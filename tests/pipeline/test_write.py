@@ -476,3 +476,23 @@ def test_tar_sink_writes_what_tarfile_writes(tmp_path):
     assert len(ustar_header("k.jpg", 8**11 - 1)) == 512
     with pytest.raises(ValueError):
         ustar_header("k.jpg", 8**11)  # too large for USTAR's size field: refused, as tarfile does
+
+
+def test_a_cut_shard_is_not_done_and_shards_beyond_the_plan_are_removed(written):
+    plan, shards_dir, _ = written
+    tars = [W.curated_shard_path(shards_dir, i) for i in range(len(plan))]
+    assert all(W.shard_done(t, e) for t, e in zip(tars, plan))
+    size = tars[0].stat().st_size
+    with open(tars[0], "r+b") as f:  # cut at a record boundary: still a readable, shorter tar
+        f.truncate(size - 1024)
+    assert not W.shard_done(tars[0], plan[0]) and W.shard_done(tars[1], plan[1])
+
+    # a smaller selection written over a larger one: shards numbered from its count go
+    extra = W.curated_shard_path(shards_dir, len(plan))
+    shutil.copy(tars[1], extra)
+    shutil.copy(W.done_path(tars[1]), W.done_path(extra))
+    removed = W.remove_beyond(shards_dir, len(plan) - 1)
+    assert sorted(p.name for p in removed) == sorted(
+        [tars[-1].name, W.done_path(tars[-1]).name, extra.name, W.done_path(extra).name]
+    )
+    assert sorted(p.name for p in shards_dir.glob("*.tar")) == [t.name for t in tars[:-1]]
