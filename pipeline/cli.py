@@ -21,7 +21,13 @@ import sys
 from pathlib import Path
 
 from pipeline import plan
-from pipeline.config import PipelineConfig, check_crawl_config, check_embed_config
+from pipeline.config import (
+    PipelineConfig,
+    check_crawl_config,
+    check_dedup_config,
+    check_embed_config,
+    check_ray_config,
+)
 from pipeline.layout import RunLayout
 from pipeline.sources import InputError, check_input
 from pretrain.configtools import ConfigError, load_config, save_config
@@ -60,8 +66,11 @@ def prepare_run(config: str, overrides: list[str]) -> tuple[PipelineConfig, int]
     cfg = load_config(PipelineConfig, config, overrides)
     stages = plan.check_plan(cfg, RunLayout(cfg.output_dir))
     try:
+        check_ray_config(cfg.ray)
         if "crawl" in stages:
             check_crawl_config(cfg.crawl)
+        if "dedup" in stages:
+            check_dedup_config(cfg.dedup)
         if "embed" in stages or (set(stages) & {"semdedup", "curate"} and _needs_model(cfg)):
             check_embed_config(cfg.embed)
         if "semdedup" in stages:

@@ -203,6 +203,22 @@ def check_crawl_config(crawl: CrawlConfig) -> None:
         raise ValueError(f"crawl.jpeg_quality must be in 1..100, got {crawl.jpeg_quality}")
 
 
+def check_dedup_config(dedup: DedupConfig) -> None:
+    if not 0 <= dedup.phash_threshold < 64:  # Hamming distance between 64-bit hashes
+        raise ValueError(f"dedup.phash_threshold must be in 0..63, got {dedup.phash_threshold}")
+
+
+def check_ray_config(ray: RayConfig) -> None:
+    """Raise ValueError naming the first ray setting outside its range."""
+    if ray.cpus_per_task <= 0:
+        raise ValueError(f"ray.cpus_per_task must be > 0, got {ray.cpus_per_task}")
+    if ray.num_cpus < 0 or ray.max_tasks_in_flight < 0:
+        raise ValueError(
+            "ray.num_cpus and ray.max_tasks_in_flight must be >= 0 (0: the machine's), got "
+            f"{ray.num_cpus} and {ray.max_tasks_in_flight}"
+        )
+
+
 EMBED_FEATURES = ("cls", "cls_patch_mean")
 EMBED_DEVICES = ("auto", "cpu", "cuda")
 

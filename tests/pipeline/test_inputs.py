@@ -87,6 +87,22 @@ def test_columns_named_as_pipeline_fields_are_carried_renamed(image_server, craw
         ("url\nhttp://x/1.jpg\n", ["crawl.shard_sise=5"], "shard_sise"),
         ("url\nhttp://x/1.jpg\n", ["crawl.resize_mode=stretch"], "resize_mode"),
         ("url\nhttp://x/1.jpg\n", ["crawl.image_size=big"], "image_size"),
+        (
+            "url\nhttp://x/1.jpg\n",
+            ["dedup.phash_threshold=-1"],
+            "dedup.phash_threshold must be in 0..63",
+        ),
+        (
+            "url\nhttp://x/1.jpg\n",
+            ["dedup.phash_threshold=64"],
+            "dedup.phash_threshold must be in 0..63",
+        ),
+        ("url\nhttp://x/1.jpg\n", ["ray.cpus_per_task=0"], "ray.cpus_per_task must be > 0"),
+        (
+            "url\nhttp://x/1.jpg\n",
+            ["ray.max_tasks_in_flight=-2"],
+            "ray.max_tasks_in_flight must be >= 0",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error_before_any_work(content, overrides, message, tmp_path):
