@@ -125,8 +125,17 @@ def _image_key(sample: dict[str, Any], keys: tuple[str, ...]) -> str | None:
     return None
 
 
+# Shards are files from elsewhere: decode only the formats a sample may hold (Pillow would also
+# open EPS, through Ghostscript, and dozens of rarer parsers) and refuse decompression bombs
+# outright (Pillow only warns below twice its limit).
+DECODE_FORMATS = ("JPEG", "PNG", "WEBP")
+MAX_PIXELS = 89_478_485  # Pillow's own warning threshold
+
+
 def decode_image(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as img:
+    with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as img:
+        if img.width * img.height > MAX_PIXELS:
+            raise ValueError(f"{img.width}x{img.height} image over {MAX_PIXELS} pixels")
         img.load()
         return img.convert("RGB")
 

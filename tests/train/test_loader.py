@@ -225,3 +225,24 @@ def test_shards_are_read_as_plain_bounded_tar_files(tmp_path, monkeypatch):
     (tmp_path / odd).write_bytes(plain.read_bytes())
     assert len(list(tar_samples(odd))) == 3
     assert not (tmp_path / "ran").exists()
+
+
+def test_decode_refuses_bombs_and_formats_a_sample_may_not_hold():
+    import io
+
+    from PIL import Image
+
+    from pretrain.data.loader import decode_image
+
+    def encoded(img, fmt):
+        out = io.BytesIO()
+        img.save(out, format=fmt)
+        return out.getvalue()
+
+    assert decode_image(encoded(Image.new("RGB", (9, 7), (1, 2, 3)), "PNG")).size == (9, 7)
+    assert decode_image(encoded(Image.new("RGB", (9, 7)), "JPEG")).mode == "RGB"
+    bomb = encoded(Image.new("1", (12000, 12000)), "PNG")  # 144 Mpx in a few kB
+    with pytest.raises(ValueError, match="12000x12000 image over"):
+        decode_image(bomb)
+    with pytest.raises(OSError):  # Pillow reads GIF, but a training sample is JPEG/PNG/WebP
+        decode_image(encoded(Image.new("RGB", (9, 7)), "GIF"))
