@@ -31,9 +31,9 @@ from pipeline.config import CrawlConfig, EmbedConfig, PipelineConfig
 from pipeline.layout import RunLayout, clear_temporaries, shard_of_key, token
 from pipeline.shardio import read_stats, write_stats, write_train_shard_list
 from pipeline.sources import iter_shards
-from pipeline.stages.crawl import crawl_shard_steps
+from pipeline.stages.crawl import crawl_shard_steps, input_digest
 from pipeline.stages.dedup import run_dedup
-from pretrain.configtools import to_object
+from pretrain.configtools import ConfigError, to_object
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,15 @@ def _run_crawl(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
     skipped = 0
     for index, table in iter_shards(cfg.input, crawl.shard_size):
         shard = layout.crawl_shard(index)
-        if shard.stats.exists() and not (
-            crawl.retry_failed and read_stats(shard.stats)["failures"] > 0
-        ):
+        done = read_stats(shard.stats) if shard.stats.exists() else None
+        crawled_from = (done or {}).get("input_urls_sha256")  # absent: a run of before it
+        if crawled_from is not None and crawled_from != input_digest(table):
+            raise ConfigError(
+                f"{layout.root}: crawl shard {index:05d} was crawled from other URLs than the "
+                "input now gives (the input changed since): use a new output_dir, or "
+                "redo=[crawl] to crawl it all again"
+            )
+        if done is not None and not (crawl.retry_failed and done["failures"] > 0):
             skipped += 1
             continue
         while len(tasks.running) >= running_limit or len(tasks.pending) >= in_flight_limit:

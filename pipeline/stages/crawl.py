@@ -139,7 +139,7 @@ def crawl_shard_steps(
         if fetcher:
             fetcher.close()
     write_parquet_atomic(_manifest_table(records, table), paths.parquet)
-    stats = _stats(records, shard_index, started)
+    stats = {**_stats(records, shard_index, started), "input_urls_sha256": input_digest(table)}
     write_stats(stats, paths.stats)
     yield stats
 
@@ -221,6 +221,14 @@ def _manifest_table(records: list[dict], source: pa.Table) -> pa.Table:
         if name not in MANIFEST_SCHEMA.names:
             table = table.append_column(name, source.column(name))
     return table
+
+
+def input_digest(table: pa.Table) -> str:
+    """SHA-256 of an input shard's URLs, in order: what a finished shard was crawled from."""
+    digest = hashlib.sha256()
+    for url in table.column("url").to_pylist():
+        digest.update(f"{url}\n".encode(errors="surrogatepass"))
+    return digest.hexdigest()
 
 
 def _stats(records: list[dict], shard_index: int, started: float) -> dict:

@@ -168,6 +168,14 @@ def test_retry_failed_reattempts_failed_rows(image_server, url_file, ray_address
     assert image_server.hits["img/000002.jpg"] == hits_before  # successes reused, not refetched
     assert _cli("manifest", "validate", str(out)).returncode == 0
 
+    # The URL list edited in place, then the same command: the finished shard holds the images
+    # of other URLs, so the run is refused instead of reusing them under the new URLs.
+    url_file(url_path, [image_server.url("img/000003.jpg"), *urls[1:]])
+    edited = _cli(*_run_args(url_path, out, "crawl.retry_failed=true"), address=ray_address)
+    assert edited.returncode == 2
+    assert "crawled from other URLs than the input now gives" in edited.stderr
+    assert _successful_keys(out) == {"000000000": urls[0], "000000001": urls[1]}
+
 
 def test_a_shard_in_its_tail_lets_the_next_one_start(image_server, small_web, url_file,
                                                      ray_address, tmp_path):  # fmt: skip
