@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import plan
 from pipeline.layout import RunLayout
 from pipeline.simweb import ImageServer, build_web, semantic_copy
 
@@ -408,6 +409,48 @@ def test_gallery_in_chromium(gallery):
     assert screenshot.stat().st_size > 10_000
 
 
+def _as_overrides(settings: dict) -> list[str]:
+    """A stage state's recorded settings as command-line overrides."""
+
+    def text(value) -> str:
+        if isinstance(value, list):
+            return "[" + ",".join(text(v) for v in value) + "]"
+        if isinstance(value, bool) or value is None:
+            return {True: "true", False: "false", None: "null"}[value]
+        return str(value)
+
+    out = []
+    for key, value in settings.items():
+        for sub, v in value.items() if isinstance(value, dict) else [(None, value)]:
+            out.append(f"{key}.{sub}={text(v)}" if sub else f"{key}={text(v)}")
+    return out
+
+
+def test_curate_refuses_the_clusters_of_another_pool(curated_run, seeds_dir, ray_address,
+                                                     tmp_path):  # fmt: skip
+    """The crawl's failures fetched again and the stages up to semantic dedup rerun (a new
+    pool), then curate alone: the clusters index the old pool's rows, so curate refuses them."""
+    urls, out, _ = curated_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    # before test_rerun_skips_... (it redoes semdedup on `out` to a pool too small to cluster);
+    # the settings semdedup last ran with, as recorded in the run
+    ran = (plan.read_state(RunLayout(run), "semdedup") or {})["settings"]
+    same = (*_as_overrides(ran), f"curate.seeds={seeds_dir}")
+    current = _cli(*_args(urls, run, *same, "stages=[cluster,curate]"), address=ray_address)
+    assert current.returncode == 0, current.stderr[-3000:]  # clusters of the pool as it is
+    pool = _cli(*_args(urls, run, *same, "crawl.retry_failed=true",
+                       "stages=[crawl,dedup,embed,semdedup]"), address=ray_address)  # fmt: skip
+    assert pool.returncode == 0, pool.stderr[-3000:]
+    assert not json.loads(pool.stdout)["semdedup"].get("skipped")
+    stale = _cli(*_args(urls, run, *same, "stages=[curate]"), address=ray_address)
+    assert stale.returncode == 2
+    assert "computed from another pool" in stale.stderr and "add cluster" in stale.stderr
+    fresh = _cli(*_args(urls, run, *same, "stages=[cluster,curate]"), address=ray_address)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert not json.loads(fresh.stdout)["cluster"].get("skipped")
+
+
 def test_rerun_skips_and_changed_settings_are_refused(curated_run, eval_dir, seeds_dir,
                                                       ray_address):  # fmt: skip
     urls, out, _ = curated_run
@@ -440,26 +483,6 @@ def test_rerun_skips_and_changed_settings_are_refused(curated_run, eval_dir, see
     expected = _reference_verdicts(feats, keys, areas, 0.5, no_eval, 0.45)
     assert {r["key"]: r["reason"] for r in semantic} == expected
     assert list(expected.values()).count("semantic") > 0
-
-
-def test_curate_refuses_the_clusters_of_another_pool(curated_run, eval_dir, seeds_dir,
-                                                     ray_address, tmp_path):  # fmt: skip
-    """The crawl's failures fetched again and the stages up to semantic dedup rerun (a new
-    pool), then curate alone: the clusters index the old pool's rows, so curate refuses them."""
-    urls, out, _ = curated_run
-    run = tmp_path / "run"
-    shutil.copytree(out, run)
-    same = (f"decontaminate.sets=[{eval_dir}]", f"curate.seeds={seeds_dir}")
-    pool = _cli(*_args(urls, run, *same, "crawl.retry_failed=true",
-                       "stages=[crawl,dedup,embed,semdedup]"), address=ray_address)  # fmt: skip
-    assert pool.returncode == 0, pool.stderr[-3000:]
-    assert not json.loads(pool.stdout)["semdedup"].get("skipped")
-    stale = _cli(*_args(urls, run, *same, "stages=[curate]"), address=ray_address)
-    assert stale.returncode == 2
-    assert "computed from another pool" in stale.stderr and "add cluster" in stale.stderr
-    fresh = _cli(*_args(urls, run, *same, "stages=[cluster,curate]"), address=ray_address)
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
-    assert not json.loads(fresh.stdout)["cluster"].get("skipped")
 
 
 def test_sigkill_during_embed_then_rerun(curated_run, ray_address, tmp_path, wait):
