@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -225,3 +226,28 @@ def test_unreadable_and_oversized_local_files_are_recorded_rows(tmp_path):
     assert rows["big.png"]["error_type"] == "too_large"
     assert rows["cut.png"]["error_type"] == "read_error"
     assert "bytes early" in rows["cut.png"]["error_message"]
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [("semdedup.imi_bits=3", "semdedup.imi_bits=0 (now 3)"),
+     ("curate.retrieval_ivf_min_size=10", "curate.retrieval_ivf_min_size=1000000 (now 10)"),
+     ("curate.retrieval_pq_m=8", "curate.retrieval_pq_m=0 (now 8)")],
+)  # fmt: skip
+def test_index_settings_that_change_results_are_checked_on_a_rerun(change, named, tmp_path):
+    """An approximate index's shape changes which neighbours are found: a rerun with another
+    value must be refused like any other output-defining setting, not silently skipped."""
+    from pipeline import plan
+    from pipeline.config import PipelineConfig
+    from pipeline.layout import RunLayout
+    from pretrain.configtools import load_config
+
+    curate = str(REPO / "configs/pipeline/curate.yaml")
+    base = [f"output_dir={tmp_path / 'run'}", "stages=[semdedup,cluster,curate]"]
+    layout = RunLayout(tmp_path / "run")
+    cfg = load_config(PipelineConfig, curate, base)
+    for stage in ("crawl", "dedup", "embed", "semdedup", "curate"):  # as a finished run has them
+        plan.mark(layout, cfg, stage, "done")
+    plan.check_plan(cfg, layout)  # the same settings: fine
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        plan.check_plan(load_config(PipelineConfig, curate, [*base, change]), layout)
