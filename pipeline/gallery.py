@@ -176,7 +176,7 @@ def _clusters_section(layout: RunLayout, thumbs: Thumbnails, strip: int, extreme
             figs = "".join(_figure(thumbs, table["key"][r], table["key"][r]) for r in rows[:strip])
             n_cur = curated.get(column, {}).get(c, 0)
             parts.append(
-                f"<p>cluster {c}: {len(members[c])} pool images, {n_cur} curated</p>"
+                f"<p>cluster {html.escape(str(c))}: {len(members[c])} pool images, {n_cur} curated</p>"
                 f'<div class="strip">{figs}</div>'
             )
     return "".join(parts)

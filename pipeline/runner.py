@@ -298,7 +298,10 @@ def embed_actors(cfg: PipelineConfig) -> list:
 
 
 def _run_embed(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous) -> dict:
-    """Embed every crawl shard whose done marker is missing or was computed from other inputs."""
+    """Embed every crawl shard whose done marker is missing or was computed from other inputs,
+    or whose files no longer hold what the marker says."""
+    from pipeline.stages.embed import part_intact
+
     layout.embed_dir.mkdir(parents=True, exist_ok=True)
     clear_temporaries(layout.embed_dir)
     settings = embed_identity(cfg)
@@ -307,7 +310,7 @@ def _run_embed(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
     for shard in layout.crawl_done():
         part = layout.embed_part(shard.stats.name.split(".")[0])
         tok = token(settings, shard.stats.read_text(), sorted(drops.get(shard.index, ())))
-        if part.done.exists() and read_stats(part.done).get("token") == tok:
+        if part_intact(part, tok):
             skipped += 1
             continue
         jobs.append((shard, drops.get(shard.index, set()), part, tok))
@@ -417,7 +420,7 @@ def _load_pool(layout: RunLayout, parts: list) -> tuple[list, list[str], Any]:
 
 def _embed_eval_sets(cfg: PipelineConfig, layout: RunLayout) -> list:
     """Embed each decontamination set once (cached under RUN/embed/eval/) with the pool's model."""
-    from pipeline.stages.embed import eval_set_files
+    from pipeline.stages.embed import eval_set_files, part_intact
 
     if not cfg.decontaminate.sets:
         return []
@@ -430,7 +433,7 @@ def _embed_eval_sets(cfg: PipelineConfig, layout: RunLayout) -> list:
         tok = token(settings, spec, listing)
         part = layout.embed_part(f"set{i:02d}", eval_set=True)
         parts.append(part)
-        if not (part.done.exists() and read_stats(part.done).get("token") == tok):
+        if not part_intact(part, tok):
             jobs.append((spec, part, tok))
     for marker, _ in on_embedders(cfg, "embed_eval_set", jobs):
         log.info("decontaminate: embedded %d images of %s", marker["count"], marker["set"])

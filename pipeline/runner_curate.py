@@ -298,23 +298,28 @@ def _crawl_seeds(cfg: PipelineConfig, layout: RunLayout) -> None:
     the pool. Their keys are crawl keys of 15 characters, apart from the pool's."""
     import dataclasses
 
-    import pyarrow as pa
-
     from pipeline.config import InputConfig
-    from pipeline.sources import iter_shards
+    from pipeline.sources import iter_shards, source_fingerprint
 
     shard = seed_shard(layout)
-    if shard.stats.exists():
-        return
-    shard.tar.parent.mkdir(parents=True, exist_ok=True)
-    clear_temporaries(shard.tar.parent)
     spec, kind = cfg.curate.seeds, seed_source_kind(cfg.curate.seeds)
     source = InputConfig(kind=kind, **{kind: spec})
     tables = [t for _, t in iter_shards(source, 1 << 30)]
+    if not tables:
+        raise ConfigError(f"curate.seeds: {spec} holds no images")
+    table = pa.concat_tables(tables)
+    fingerprint = source_fingerprint(table, kind)
+    if shard.stats.exists():
+        if read_stats(shard.stats).get("source_fingerprint") == fingerprint:
+            return
+        log.info("curate: the seed set %s changed since it was crawled: crawling it again", spec)
+        for path in (shard.stats, shard.parquet, shard.tar):  # nothing of the old set is reused
+            path.unlink(missing_ok=True)
+    shard.tar.parent.mkdir(parents=True, exist_ok=True)
+    clear_temporaries(shard.tar.parent)
     crawl = dataclasses.replace(to_object(cfg.crawl), shard_size=1 << 30)
-    stats = ray.get(
-        _crawl_seeds_task.remote(pa.concat_tables(tables), str(shard.tar.parent), crawl, kind)
-    )
+    stats = ray.get(_crawl_seeds_task.remote(table, str(shard.tar.parent), crawl, kind))
+    write_stats({**stats, "source_fingerprint": fingerprint}, shard.stats)
     log.info("curate: %d seed images of %d ready (%s)", stats["successes"], stats["count"], spec)
 
 
@@ -322,6 +327,7 @@ def _embed_seeds(cfg: PipelineConfig, layout: RunLayout) -> list:
     """Embed the seed set once (RUN/embed/seeds/set00) with the pool's model: it is a crawl
     shard by then, embedded exactly as the pool's shards are."""
     from pipeline.runner import embed_identity, on_embedders
+    from pipeline.stages.embed import part_intact
 
     if not cfg.curate.seeds:
         return []
@@ -331,7 +337,7 @@ def _embed_seeds(cfg: PipelineConfig, layout: RunLayout) -> list:
     shard = seed_shard(layout)
     tok = token(embed_identity(cfg), cfg.curate.seeds, shard.stats.read_text())
     part = layout.embed_part("set00", seeds=True)
-    if not (part.done.exists() and read_stats(part.done).get("token") == tok):
+    if not part_intact(part, tok):
         for marker, _ in on_embedders(cfg, "embed_shard", [(shard, set(), part, tok)]):
             log.info("curate: embedded %d seed images", marker["count"])
     return [part]

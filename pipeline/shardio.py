@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from pipeline.layout import CRAWL_SCHEMA
 from pretrain.configtools import AtomicFile, atomic_write_text
+from pretrain.data.tars import tar_samples
 
 MANIFEST_SCHEMA = CRAWL_SCHEMA
 MANIFEST_COLUMNS = tuple(MANIFEST_SCHEMA.names)
@@ -99,20 +100,12 @@ def read_stats(path: Path) -> dict:
 
 
 def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample, in tar order; members of one key are adjacent."""
-    with tarfile.open(path, "r") as tar:
-        key, files = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            stem, _, ext = member.name.partition(".")
-            if key is not None and stem != key:
-                yield key, files
-                files = {}
-            key = stem
-            files[ext] = tar.extractfile(member).read()
-        if key is not None:
-            yield key, files
+    """(key, {extension: bytes}) per sample, in tar order; members of one key are adjacent.
+
+    The bounded reader of `pretrain.data.tars` (a plain file, an uncompressed tar stream, huge
+    members skipped): crawl tars are ours, but evaluation and seed sets come from elsewhere."""
+    for sample in tar_samples(str(path)):
+        yield sample["__key__"], {k: v for k, v in sample.items() if not k.startswith("__")}
 
 
 def write_train_shard_list(layout, tars: list[Path]) -> None:

@@ -8,6 +8,7 @@ other column is carried along. Local sources: a folder of image files, or WebDat
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 from pipeline.config import INPUT_KINDS, InputConfig
 from pipeline.fetch import FetchError
 from pipeline.layout import is_reserved_field
+from pretrain.data.tars import FileTooLarge, read_regular_file
 
 URL_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".txt": "txt"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -152,8 +154,10 @@ def _folder_batches(folder: str) -> Iterator[pa.RecordBatch]:
     root = Path(folder)
     if not folder or not root.is_dir():
         raise InputError(f"input.folder is not a directory: {folder!r}")
-    files = sorted(
-        str(p.resolve()) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+    files = sorted(  # regular files only: a FIFO named x.jpg would block its reader for good
+        str(p.resolve())
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
     )
     for start in range(0, len(files), 4096):
         yield pa.RecordBatch.from_pydict({"url": files[start : start + 4096]})
@@ -168,18 +172,39 @@ def _tar_batches(pattern: str) -> Iterator[pa.RecordBatch]:
     for path in paths:
         urls, offsets, sizes = [], [], []
         try:
-            with tarfile.open(path, "r") as tar:
+            with tarfile.open(path, "r:") as tar:  # members are read by offset: no compression
                 for member in tar:
                     if member.isfile() and Path(member.name).suffix.lower() in IMAGE_EXTENSIONS:
                         urls.append(f"{os.path.abspath(path)}#{member.name}")
                         offsets.append(member.offset_data)
                         sizes.append(member.size)
         except tarfile.TarError as exc:
-            raise InputError(f"input.tars: {path} is not a readable tar: {exc}") from None
+            raise InputError(
+                f"input.tars: {path} is not a readable uncompressed tar: {exc}"
+            ) from None
         if urls:
             yield pa.RecordBatch.from_pydict(
                 {"url": urls, "tar_offset": offsets, "tar_size": sizes}
             )
+
+
+def source_fingerprint(table: pa.Table, kind: str) -> str:
+    """SHA-256 of what a source's rows would load: their URLs in order and, for local files
+    and tars, each file's size and modification time (an image replaced in place changes it)."""
+    digest = hashlib.sha256()
+    seen: dict[str, tuple] = {}
+    for url in table.column("url").to_pylist():
+        digest.update(f"{url}\n".encode(errors="surrogatepass"))
+        if kind != "urls":
+            path = url.split("#", 1)[0] if kind == "tars" else url
+            if path not in seen:
+                try:
+                    st = os.stat(path)
+                    seen[path] = (st.st_size, st.st_mtime_ns)
+                except OSError:
+                    seen[path] = (None, None)
+            digest.update(repr(seen[path]).encode())
+    return digest.hexdigest()
 
 
 def local_loader(kind: str, max_bytes: int):
@@ -192,14 +217,11 @@ def local_loader(kind: str, max_bytes: int):
 
     def load_file(row: dict) -> tuple[bytes, None]:
         try:
-            with open(row["url"], "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                data = b"" if size > max_bytes else f.read(max_bytes + 1)  # it may have grown
-        except OSError as exc:
+            return read_regular_file(row["url"], max_bytes), None
+        except FileTooLarge as exc:
+            raise FetchError("too_large", f"{exc.size} bytes > max_bytes={max_bytes}") from None
+        except (OSError, ValueError) as exc:
             raise FetchError("read_error", f"cannot read {row['url']}: {exc}") from None
-        if size > max_bytes or len(data) > max_bytes:
-            raise FetchError("too_large", f"{max(size, len(data))} bytes > max_bytes={max_bytes}")
-        return data, None
 
     def load_tar_member(row: dict) -> tuple[bytes, None]:
         tar_path, size = row["url"].split("#", 1)[0], row["tar_size"]

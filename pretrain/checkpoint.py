@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import yaml
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -31,7 +30,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pretrain import dcp_safe
-from pretrain.configtools import AtomicFile, ConfigError, atomic_write_text, fsync_dir
+from pretrain.configtools import (
+    AtomicFile,
+    ConfigError,
+    atomic_write_text,
+    fsync_dir,
+    load_yaml,
+)
 
 log = logging.getLogger(__name__)
 _PREFIX = "step_"
@@ -154,7 +159,14 @@ def save_checkpoint(
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / "meta.json").read_text())
+    file = Path(path) / "meta.json"
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file}: not a readable checkpoint meta.json: {exc}") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise ValueError(f"{file}: a checkpoint meta.json holds an object with an integer step")
+    return meta
 
 
 def check_model_matches(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -224,7 +236,7 @@ def check_run_config(
     A key the saved config lacks (added to the schema after that run started) matches when this
     run keeps its default from `defaults`: the earlier run used that value implicitly.
     """
-    saved = _flatten(yaml.safe_load(saved_yaml) or {})
+    saved = _flatten(load_yaml(saved_yaml, where / "config.yaml") or {})
     now = _flatten(current)
     default = _flatten(defaults or {})
     skip = set(allowed) | {"output_dir"}

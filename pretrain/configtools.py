@@ -18,25 +18,32 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pretrain.safe_yaml import ConfigError, load_yaml
+
 T = TypeVar("T")
 
-
-class ConfigError(ValueError):
-    """A configuration file or override that does not fit the schema."""
+__all__ = [
+    "AtomicFile",
+    "ConfigError",
+    "atomic_write_text",
+    "fsync_dir",
+    "load_config",
+    "load_yaml",
+    "save_config",
+    "to_dict",
+    "to_object",
+    "to_yaml",
+]
 
 
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    data = load_yaml(path.read_text(), path)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pretrain.configtools import ConfigError, load_config, save_config
+from pretrain.configtools import ConfigError, load_config, load_yaml, save_config
 
 
 @dataclass
@@ -68,3 +68,28 @@ def test_atomic_file_gets_the_umask_mode_not_mkstemp_0600(tmp_path):
     for name in ("a.txt", "b.bin"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~_UMASK
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_yaml_alias_bombs_and_self_references_are_refused(tmp_path):
+    """safe_load keeps aliases shared, but copying the config expands them: nine levels of ten
+    aliases are a billion values. Refused by name before anything expands them; a config with a
+    few honest anchors still loads."""
+    lines = ['a0: &a0 ["x","x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 9):
+        refs = ",".join([f"*a{i - 1}"] * 10)
+        lines.append(f"a{i}: &a{i} [{refs}]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"bomb.yaml: over 1,000,000 values"):
+        load_config(Outer, bomb)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("name: &x [1, *x]\n")
+    with pytest.raises(ConfigError, match="loop.yaml: a YAML alias refers to itself"):
+        load_config(Outer, loop)
+    honest = tmp_path / "honest.yaml"
+    honest.write_text("base: &b {lr: 0.1}\nother: *b\n")
+    assert load_yaml(honest.read_text(), honest) == {"base": {"lr": 0.1}, "other": {"lr": 0.1}}
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="deep.yaml: nested too deeply"):
+        load_config(Outer, deep)

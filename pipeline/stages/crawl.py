@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import queue
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -112,7 +113,7 @@ def crawl_shard_steps(
     crawl_dir.mkdir(parents=True, exist_ok=True)
     paths = crawl_shard_files(crawl_dir, shard_index)
     width = key_width_for(cfg.shard_size)
-    previous = _previous_results(paths) if paths.stats.exists() else {}
+    previous = _previous_results(paths, table) if paths.stats.exists() else {}
     rows = table.to_pylist()
     fetcher = Fetcher(cfg) if kind == "urls" else None
     load = _url_loader(fetcher) if fetcher else local_loader(kind, cfg.max_bytes)
@@ -169,7 +170,7 @@ def _completed_results(pool, rows, load, cfg, previous, shard_index, width) -> I
     for row_index, row in enumerate(rows):
         key = sample_key(shard_index, row_index, width)
         old = previous.get(key)
-        if old is not None and old[0]["status"] == "success":
+        if old is not None:
             record, jpeg, meta = old
             yield row_index, key, dict(record), jpeg, meta
             continue
@@ -194,15 +195,35 @@ def _take(finished: queue.SimpleQueue) -> tuple:
     return row_index, key, record, jpeg, None
 
 
-def _previous_results(paths: CrawlShard) -> dict[str, tuple[dict, bytes | None, dict | None]]:
-    """Key -> (manifest record, jpeg, sample meta) of a finished shard, for retry_failed."""
+def _previous_results(
+    paths: CrawlShard, table: pa.Table
+) -> dict[str, tuple[dict, bytes, dict | None]]:
+    """Key -> (manifest record, jpeg, sample meta) of a finished shard's successes, for
+    retry_failed. Only what can be reused: nothing if the shard was crawled from other URLs (a
+    key is a row index), and no success whose image the tar no longer holds (a member gone, a
+    tar cut short: those rows are fetched again)."""
+    stats = json.loads(paths.stats.read_text())
+    if stats.get("input_urls_sha256", input_digest(table)) != input_digest(table):
+        log.warning("%s: crawled from other URLs; nothing of it is reused", paths.stats)
+        return {}
     records = pq.read_table(paths.parquet, columns=list(MANIFEST_COLUMNS)).to_pylist()
-    samples = dict(iter_tar_samples(paths.tar))
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        for key, files in iter_tar_samples(paths.tar):
+            samples[key] = files
+    except (OSError, EOFError, tarfile.TarError) as exc:
+        log.warning("%s: unreadable after %d samples (%s); the rest is fetched again",
+                    paths.tar, len(samples), exc)  # fmt: skip
     out = {}
     for record in records:
         files = samples.get(record["key"], {})
-        meta = json.loads(files["json"]) if "json" in files else None
-        out[record["key"]] = (record, files.get("jpg"), meta)
+        if record["status"] != "success" or "jpg" not in files:
+            continue
+        try:
+            meta = json.loads(files["json"]) if "json" in files else None
+        except ValueError:
+            meta = None  # rebuilt from the record and the input row
+        out[record["key"]] = (record, files["jpg"], meta)
     return out
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 import collections
 import glob
 import io
+import json
 import logging
+import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +32,7 @@ from PIL import Image
 from pipeline.config import EmbedConfig
 from pipeline.layout import EMBED_FAILURES_SCHEMA, CrawlShard, EmbedPart
 from pipeline.shardio import iter_tar_samples, write_npy_atomic, write_parquet_atomic, write_stats
+from pretrain.data.tars import read_regular_file
 from pretrain.models import LoadedBackbone, load_backbone
 
 log = logging.getLogger(__name__)
@@ -102,13 +105,19 @@ class Embedder:
 
 
 def decoded(
-    samples: Iterable[tuple[str, bytes]], size: int, threads: int, ahead: int
+    samples: Iterable[tuple[str, bytes | Exception]], size: int, threads: int, ahead: int
 ) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
-    """(key, image or None, error or None) in input order; at most ``ahead`` decodes in flight."""
+    """(key, image or None, error or None) in input order; at most ``ahead`` decodes in flight.
+    A sample given as an exception (its bytes could not be read) is that sample's error."""
     window: collections.deque[tuple[str, Future]] = collections.deque()
     with ThreadPoolExecutor(threads) as pool:
         for key, data in samples:
-            window.append((key, pool.submit(preprocess, data, size)))
+            if isinstance(data, Exception):
+                failed: Future = Future()
+                failed.set_exception(data)
+                window.append((key, failed))
+            else:
+                window.append((key, pool.submit(preprocess, data, size)))
             while len(window) > ahead:
                 yield _settle(*window.popleft())
         while window:
@@ -123,7 +132,7 @@ def _settle(key: str, future: Future) -> tuple[str, np.ndarray | None, str | Non
 
 
 def embed_samples(
-    embedder: Embedder, samples: Iterable[tuple[str, bytes]]
+    embedder: Embedder, samples: Iterable[tuple[str, bytes | Exception]]
 ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
     """(keys, float16 [n, dim] row-aligned with keys, [(key, error)] of undecodable samples)."""
     cfg = embedder.cfg
@@ -147,11 +156,38 @@ def embed_samples(
     return keys, (np.concatenate(chunks) if chunks else empty), failures
 
 
-def crawl_samples(shard: CrawlShard, keep: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
-    """(key, jpg bytes) of the shard's samples that ``keep`` accepts, in tar order."""
-    for key, files in iter_tar_samples(shard.tar):
-        if keep(key) and "jpg" in files:
-            yield key, files["jpg"]
+class CrawlSamples:
+    """(key, jpg bytes) of a crawl shard's samples that ``keep`` accepts, in tar order.
+
+    The shard's parquet says which keys crawled fine; every one of them that the tar does not
+    deliver (a member gone, a tar cut short, a tar that no longer reads) is recorded in
+    ``missing`` with the reason once the stream ends, so the embed stage counts it as a failure
+    instead of silently embedding a smaller pool."""
+
+    def __init__(self, shard: CrawlShard, keep: Callable[[str], bool]) -> None:
+        import pyarrow.parquet as pq
+
+        self.shard = shard
+        self.keep = keep
+        table = pq.read_table(shard.parquet, columns=["key", "status"]).to_pydict()
+        self.expected = {k for k, st in zip(table["key"], table["status"]) if st == "success"}
+        self.missing: list[tuple[str, str]] = []
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        seen: set[str] = set()
+        reason = "not in the crawl tar"
+        try:
+            for key, files in iter_tar_samples(self.shard.tar):
+                if key in seen or not self.keep(key):
+                    continue
+                if "jpg" in files:
+                    seen.add(key)
+                    yield key, files["jpg"]
+        except (OSError, EOFError, tarfile.TarError) as exc:
+            reason = f"crawl tar unreadable after {len(seen)} samples: {type(exc).__name__}: {exc}"
+            log.warning("shard %05d: %s", self.shard.index, reason)
+        lost = sorted(k for k in self.expected - seen if self.keep(k))
+        self.missing = [(key, reason) for key in lost]
 
 
 def write_part(
@@ -178,7 +214,9 @@ def embed_crawl_shard(
     """Embed the shard's samples not in ``drop`` (dedup's duplicates) into ``part``."""
     started = time.time()
     part.done.unlink(missing_ok=True)  # not done until rewritten
-    keys, feats, failures = embed_samples(embedder, crawl_samples(shard, lambda k: k not in drop))
+    samples = CrawlSamples(shard, lambda k: k not in drop)
+    keys, feats, failures = embed_samples(embedder, samples)
+    failures += samples.missing
     seconds = time.time() - started
     marker = write_part(part, keys, feats, failures, {
         "shard": shard.index, "token": token, "duration_s": round(seconds, 3),
@@ -193,7 +231,9 @@ def eval_set_files(spec: str, what: str = "decontaminate.sets") -> list[tuple[st
     """An evaluation set (a folder of images, or a glob of tars) as (path, tar member or None)."""
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
         items = [(str(p), None) for p in files]
     else:
         tars = sorted(glob.glob(spec))
@@ -205,11 +245,17 @@ def eval_set_files(spec: str, what: str = "decontaminate.sets") -> list[tuple[st
     return items
 
 
-def eval_set_samples(items: list[tuple[str, str | None]]) -> Iterator[tuple[str, bytes]]:
-    """(key, bytes) of every image of an evaluation set: files, or image members of tars."""
+def eval_set_samples(
+    items: list[tuple[str, str | None]],
+) -> Iterator[tuple[str, bytes | Exception]]:
+    """(key, bytes) of every image of an evaluation set: files, or image members of tars; a file
+    that does not read (gone, not a regular file, over 64 MiB) comes as (key, the error)."""
     for path, _ in items:
         if not path.endswith(".tar"):
-            yield path, Path(path).read_bytes()
+            try:
+                yield path, read_regular_file(path)
+            except (OSError, ValueError) as exc:
+                yield path, exc
             continue
         for key, files in iter_tar_samples(Path(path)):
             ext = next((e for e in files if f".{e.lower()}" in IMAGE_SUFFIXES), None)
@@ -226,6 +272,29 @@ def embed_eval_set(embedder: Embedder, spec: str, part: EmbedPart, token: str) -
             f"decontaminate.sets: no image of {spec} decodes ({len(failures)} tried)"
         )
     return write_part(part, keys, feats, failures, {"set": spec, "token": token})
+
+
+def part_intact(part: EmbedPart, token: str) -> bool:
+    """Whether ``part`` is finished from the inputs ``token`` names and its files hold what its
+    done marker says (a rerun re-embeds a part whose features or keys went missing or short)."""
+    import pyarrow.parquet as pq
+
+    if not part.done.exists():
+        return False
+    try:
+        marker = json.loads(part.done.read_text())
+        if marker.get("token") != token:
+            return False
+        rows = np.load(part.npy, mmap_mode="r").shape
+        keys = pq.read_metadata(part.keys).num_rows
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        log.warning("%s: re-embedding, its files do not read: %s", part.done, exc)
+        return False
+    if rows != (marker["count"], marker["dim"]) or keys != marker["count"]:
+        log.warning("%s: re-embedding, %d features and %d keys where it recorded %d",
+                    part.done, rows[0], keys, marker["count"])  # fmt: skip
+        return False
+    return True
 
 
 def read_part(part: EmbedPart, mmap: bool = True) -> tuple[np.ndarray, list[str]]:

@@ -14,10 +14,36 @@ prefix, each field named by the lowercased rest.
 from __future__ import annotations
 
 import os
+import stat
 import tarfile
 from collections.abc import Iterator
 
 MAX_MEMBER_BYTES = 64 * 2**20  # far above any training image (the crawl keeps <= 20 MB)
+
+
+class FileTooLarge(ValueError):
+    """A file larger than the reader's cap (``size`` bytes, at least)."""
+
+    def __init__(self, path: str, size: int, cap: int) -> None:
+        super().__init__(f"{path}: {size} bytes > the cap of {cap}")
+        self.size = size
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int = MAX_MEMBER_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; image folders are files from
+    elsewhere. Opened without blocking (a FIFO named x.jpg would hang a plain ``open``), then
+    refused unless a regular file (a symlink to /dev/zero reads forever), and read with a bound
+    (a file may grow after its size was checked). OSError if it cannot be read."""
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if st.st_size > max_bytes:
+            raise FileTooLarge(str(path), st.st_size, max_bytes)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FileTooLarge(str(path), len(data), max_bytes)
+    return data
 
 
 def tar_samples(path: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict]:

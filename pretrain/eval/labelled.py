@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image
 
 from pretrain.data.loader import IMAGE_EXTENSIONS, decode_image, resolve_shards
-from pretrain.data.tars import tar_samples
+from pretrain.data.tars import read_regular_file, tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ def _from_folder(root: Path) -> LabelledImages:
         for file in sorted((root / name).iterdir()):
             if file.suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS:
                 continue
-            try:
-                data.images.append(decode_image(file.read_bytes()))
+            try:  # bounded, regular files only (a FIFO or /dev/zero is a skip, not a hang)
+                data.images.append(decode_image(read_regular_file(file)))
                 data.labels.append(index)
             except Exception as exc:
                 data.skipped += 1

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from pretrain.models.vision_transformer import VisionTransformer
+from pretrain.safe_yaml import load_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def _run_global_crop_size(run_dir: Path) -> int:
         logger.warning("%s has no config.yaml: assuming %d px crops", run_dir, DEFAULT_IMAGE_SIZE)
         return DEFAULT_IMAGE_SIZE
     try:
-        data = yaml.safe_load(config.read_text()) or {}
+        data = load_yaml(config.read_text(), config) or {}
         crops = data.get("crops") or {}
         return int(crops.get("global_crops_size", DEFAULT_IMAGE_SIZE))
     except (yaml.YAMLError, AttributeError, TypeError, ValueError) as exc:

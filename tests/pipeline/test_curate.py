@@ -451,6 +451,32 @@ def test_curate_refuses_the_clusters_of_another_pool(curated_run, seeds_dir, ray
     assert not json.loads(fresh.stdout)["cluster"].get("skipped")
 
 
+def test_an_edited_seed_set_is_crawled_again(curated_run, seeds_dir, ray_address, tmp_path):
+    """curate.seeds edited in place (a seed taken out of the list): the next curate crawls and
+    embeds the seed set again rather than retrieving around the old seeds."""
+    urls, out, _ = curated_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    layout = RunLayout(run)
+    ran = (plan.read_state(layout, "semdedup") or {})["settings"]  # as the test above
+    edited = tmp_path / "seeds.txt"  # the run's own seed list (a stage setting: redo=[curate])
+    edited.write_text(seeds_dir.read_text())
+    same = (*_as_overrides(ran), f"curate.seeds={edited}")
+    first = _cli(*_args(urls, run, *same, "stages=[curate]", "redo=[curate]"),
+                 address=ray_address)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    seeds = layout.embed_done(seeds=True)[0]
+    assert json.loads(seeds.done.read_text())["count"] == 4
+    edited.write_text(seeds_dir.read_text().splitlines(keepends=True)[1])  # in place: one seed
+    second = _cli(*_args(urls, run, *same, "stages=[curate]"), address=ray_address)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads(seeds.done.read_text())["count"] == 1
+    curate = json.loads(second.stdout)["curate"]
+    assert not curate.get("skipped") and curate["seeds_included"] == 1
+    selection = pq.read_table(layout.selection).to_pylist()
+    assert sum(r["selected_by"] == "seed" for r in selection) == 1
+
+
 def test_rerun_skips_and_changed_settings_are_refused(curated_run, eval_dir, seeds_dir,
                                                       ray_address):  # fmt: skip
     urls, out, _ = curated_run

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -27,6 +28,9 @@ from pipeline.stages.embed import (
     embed_crawl_shard,
     embed_eval_set,
     embed_samples,
+    eval_set_files,
+    eval_set_samples,
+    part_intact,
     preprocess,
     read_part,
 )
@@ -64,7 +68,6 @@ def test_shard_embeddings_equal_the_models_forward(embedder, small_web, tmp_path
     folder.mkdir()
     for path in sorted(small_web.images)[:20]:
         (folder / Path(path).name).write_bytes(small_web.images[path])
-    import pyarrow as pa
 
     files = sorted(str(p) for p in folder.iterdir())
     layout = RunLayout(tmp_path / "run")
@@ -104,12 +107,102 @@ def test_corrupt_sample_is_counted_not_fatal(embedder, tmp_path):
     for key, data in samples:
         sink.add(key, data, {})
     sink.commit()
+    _crawl_parquet(layout.crawl_shard(3), [k for k, _ in samples])
     part = layout.embed_part("00003")
     marker = embed_crawl_shard(embedder, layout.crawl_shard(3), set(), part, token="x")
     assert marker["count"] == 5 and marker["failures"] == 1
     failed = pq.read_table(part.npy.with_name("00003.failures.parquet")).to_pylist()
     assert failed[0]["key"] == "broken"
     assert json.loads(part.done.read_text())["count"] == 5
+
+
+def _crawl_parquet(shard, successes: list[str], failed: tuple[str, ...] = ()) -> None:
+    """The key and status columns of a crawl shard's parquet (all the embed stage reads)."""
+    keys = list(successes) + list(failed)
+    status = ["success"] * len(successes) + ["error"] * len(failed)
+    pq.write_table(pa.table({"key": keys, "status": status}), shard.parquet)
+
+
+def test_crawl_tar_losing_samples_counts_them(embedder, tmp_path):
+    """A crawl tar that no longer holds what its parquet says crawled fine (a member gone, the
+    tar cut short) embeds what it holds and records every missing success as a failure."""
+    layout = RunLayout(tmp_path)
+    layout.crawl_dir.mkdir(parents=True)
+    shard = layout.crawl_shard(0)
+    sink = TarSink(shard.tar)
+    for i in range(6):
+        sink.add(f"k{i}", _png((80, 70), seed=i), {})
+    sink.commit()
+    # k6 is a success in the parquet but not in the tar; f0 failed (never in a tar); k5 is a
+    # dedup drop (not embedded, not a failure)
+    _crawl_parquet(shard, [f"k{i}" for i in range(7)], failed=("f0",))
+    part = layout.embed_part("00000")
+    marker = embed_crawl_shard(embedder, shard, {"k5"}, part, token="x")
+    assert marker["count"] == 5 and marker["failures"] == 1
+    failed = pq.read_table(part.npy.with_name("00000.failures.parquet")).to_pylist()
+    assert [(r["key"], r["error"]) for r in failed] == [("k6", "not in the crawl tar")]
+    # The tar cut in the middle of the third sample's image: two embed, the rest are failures.
+    data = shard.tar.read_bytes()
+    third = data.index(b"k2.jpg")
+    shard.tar.write_bytes(data[: third + 512 + 100])
+    marker = embed_crawl_shard(embedder, shard, {"k5"}, part, token="x")
+    failed = pq.read_table(part.npy.with_name("00000.failures.parquet")).to_pylist()
+    assert marker["count"] == 2 and marker["failures"] == 4
+    assert [r["key"] for r in failed] == ["k2", "k3", "k4", "k6"]
+    assert all("crawl tar unreadable after 2 samples" in r["error"] for r in failed)
+
+
+def test_a_part_whose_files_went_short_is_not_taken_as_done(embedder, tmp_path):
+    """The resume check: a done marker counts only with its token and with features and keys
+    of the rows it recorded; a truncated or missing .npy, or lost keys, mean re-embed."""
+    import os
+
+    layout = RunLayout(tmp_path)
+    layout.crawl_dir.mkdir(parents=True)
+    shard = layout.crawl_shard(0)
+    sink = TarSink(shard.tar)
+    for i in range(4):
+        sink.add(f"k{i}", _png((80, 70), seed=i), {})
+    sink.commit()
+    _crawl_parquet(shard, [f"k{i}" for i in range(4)])
+    part = layout.embed_part("00000")
+    embed_crawl_shard(embedder, shard, set(), part, token="t1")
+    assert part_intact(part, "t1") and not part_intact(part, "t2")
+    good = part.npy.read_bytes()
+    os.truncate(part.npy, len(good) - 64)  # half a row lost
+    assert not part_intact(part, "t1")
+    part.npy.unlink()
+    assert not part_intact(part, "t1")
+    part.npy.write_bytes(good)
+    assert part_intact(part, "t1")
+    pq.write_table(pa.table({"key": ["k0", "k1"]}), part.keys)  # keys of another size
+    assert not part_intact(part, "t1")
+    part.keys.unlink()
+    assert not part_intact(part, "t1")
+
+
+def test_eval_set_special_and_oversized_files_are_failures_not_hangs(embedder, tmp_path):
+    """An evaluation set is a folder from elsewhere: a FIFO or a symlink to /dev/zero named as
+    an image is not listed; a file that turns into one after the listing, or one over 64 MiB,
+    is a recorded failure of its key."""
+    import os
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(_png((70, 70), seed=i))
+    os.mkfifo(folder / "fifo.jpg")
+    os.symlink("/dev/zero", folder / "zero.jpg")
+    assert [Path(p).name for p, _ in eval_set_files(str(folder))] == ["0.png", "1.png", "2.png"]
+    items = eval_set_files(str(folder))
+    (folder / "1.png").unlink()
+    os.mkfifo(folder / "1.png")
+    with open(folder / "2.png", "r+b") as f:
+        f.truncate(65 * 2**20)  # sparse: 65 MiB without writing them
+    keys, feats, failures = embed_samples(embedder, eval_set_samples(items))
+    assert [Path(k).name for k in keys] == ["0.png"] and feats.shape == (1, 64)
+    errors = {Path(k).name: e for k, e in failures}
+    assert "not a regular file" in errors["1.png"] and "cap" in errors["2.png"]
 
 
 def test_cls_patch_mean_features(tmp_path):

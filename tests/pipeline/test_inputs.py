@@ -228,6 +228,81 @@ def test_unreadable_and_oversized_local_files_are_recorded_rows(tmp_path):
     assert "bytes early" in rows["cut.png"]["error_message"]
 
 
+def test_special_files_named_as_images_neither_hang_nor_read_forever(tmp_path):
+    """A FIFO named x.jpg (a plain open would block for good) is not listed, and when it
+    replaces an image after the listing it is its row's read_error; so is a symlink to
+    /dev/zero (it would read forever)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good = _image((10, 200, 30))
+    for name in ("a.png", "later-fifo.png", "later-zero.png"):
+        (folder / name).write_bytes(good)
+    os.mkfifo(folder / "fifo.jpg")
+    os.symlink("/dev/zero", folder / "zero.jpg")
+    ((_, table),) = list(iter_shards(InputConfig(kind="folder", folder=str(folder)), 100))
+    assert sorted(Path(u).name for u in table["url"].to_pylist()) == [
+        "a.png", "later-fifo.png", "later-zero.png"
+    ]  # fmt: skip
+    (folder / "later-fifo.png").unlink()
+    os.mkfifo(folder / "later-fifo.png")
+    (folder / "later-zero.png").unlink()
+    os.symlink("/dev/zero", folder / "later-zero.png")
+    crawl_shard(table, 0, tmp_path / "out", CrawlConfig(image_size=64), "folder")
+    rows = {
+        Path(r["url"]).name: r for r in pq.read_table(tmp_path / "out/00000.parquet").to_pylist()
+    }
+    assert rows["a.png"]["status"] == "success"
+    for name in ("later-fifo.png", "later-zero.png"):
+        assert rows[name]["error_type"] == "read_error"
+        assert "not a regular file" in rows[name]["error_message"]
+
+
+def test_compressed_input_tars_are_a_clear_error(tmp_path):
+    """Members are read by their offset in the file: a gzip tar's offsets are into the
+    decompressed stream, so it is refused up front rather than crawled as garbage."""
+    with tarfile.open(tmp_path / "src.tar", "w:gz") as tar:
+        data = _image((1, 2, 3))
+        info = tarfile.TarInfo("a.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(InputError, match="not a readable uncompressed tar"):
+        list(iter_shards(InputConfig(kind="tars", tars=str(tmp_path / "src.tar")), 100))
+
+
+def test_retry_failed_fetches_again_a_success_whose_image_is_gone(tmp_path):
+    """retry_failed reuses a success only while the old tar still holds its image: one lost from
+    the tar (here: the tar rewritten without it) is crawled again, not kept as a success
+    without an image; nothing is reused from a shard crawled from other URLs."""
+    from pipeline.shardio import TarSink, iter_tar_samples, read_stats
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(_image((i * 80, 10, 10)))
+    ((_, table),) = list(iter_shards(InputConfig(kind="folder", folder=str(folder)), 100))
+    out = tmp_path / "out"
+    cfg = CrawlConfig(image_size=64, retry_failed=True)
+    crawl_shard(table, 0, out, cfg, "folder")
+    samples = dict(iter_tar_samples(out / "00000.tar"))
+    keys = sorted(samples)
+    sink = TarSink(out / "00000.tar")  # the first sample's members lost
+    for key in keys[1:]:
+        sink.add(key, samples[key]["jpg"], json.loads(samples[key]["json"]))
+    sink.commit()
+    stats = crawl_shard(table, 0, out, cfg, "folder")
+    assert stats["successes"] == 3
+    again = dict(iter_tar_samples(out / "00000.tar"))
+    assert sorted(again) == keys and again[keys[0]]["jpg"] == samples[keys[0]]["jpg"]
+    # The same shard index over other URLs: a success of the old shard is not taken for a row.
+    other = pa.table({"url": [str(folder / "2.png"), str(folder / "1.png"), str(folder / "0.png")]})
+    crawl_shard(other, 0, out, cfg, "folder")
+    rows = pq.read_table(out / "00000.parquet").to_pylist()
+    redone = dict(iter_tar_samples(out / "00000.tar"))
+    assert [Path(r["url"]).name for r in rows] == ["2.png", "1.png", "0.png"]
+    assert redone[rows[0]["key"]]["jpg"] == samples[keys[2]]["jpg"]
+    assert read_stats(out / "00000.stats.json")["successes"] == 3
+
+
 @pytest.mark.parametrize(
     "change, named",
     [("semdedup.imi_bits=3", "semdedup.imi_bits=0 (now 3)"),
@@ -251,3 +326,15 @@ def test_index_settings_that_change_results_are_checked_on_a_rerun(change, named
     plan.check_plan(cfg, layout)  # the same settings: fine
     with pytest.raises(ConfigError, match=re.escape(named)):
         plan.check_plan(load_config(PipelineConfig, curate, [*base, change]), layout)
+
+
+def test_crawl_workers_do_not_import_torch():
+    """Each Ray worker that runs a crawl task imports the crawl stage: torch costs it seconds and
+    hundreds of MB. The shared tar reader lives in pretrain.data, whose package imports its
+    torch parts only on use."""
+    code = (
+        "import sys, pipeline.stages.crawl, pipeline.shardio, pipeline.manifest, pipeline.sources\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

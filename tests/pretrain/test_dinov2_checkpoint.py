@@ -382,7 +382,7 @@ def test_load_backbone_refuses_unknown_keys_with_hints(tmp_path):
 
 
 # the curation pipeline imports pretrain.models: it must not pull in the training stack
-ALLOWED_IMPORTS = ("pretrain.models", "pretrain.layers")
+ALLOWED_IMPORTS = ("pretrain.models", "pretrain.layers", "pretrain.safe_yaml")
 
 
 def test_load_backbone_imports_nothing_else_of_pretrain(tmp_path):

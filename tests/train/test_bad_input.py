@@ -62,3 +62,35 @@ def test_config_and_model_checks_name_the_difference(tmp_path):
         check_run_config(saved, newer, [], tmp_path, defaults={"crops": {"hue": 0.1}})
     with pytest.raises(CheckpointMismatchError, match="n_blocks: checkpoint 4 vs this run 12"):
         check_model_matches({"model": {"n_blocks": 4}}, {"n_blocks": 12}, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [(b"{not json", "not a readable checkpoint meta.json"),
+     (b"\xff\xfe", "not a readable checkpoint meta.json"),
+     (b'["step", 3]', "an integer step"),
+     (b'{"step": "3"}', "an integer step")],
+)  # fmt: skip
+def test_malformed_checkpoint_meta_names_its_file(content, needle, tmp_path):
+    from pretrain.checkpoint import read_meta
+
+    (tmp_path / "step_0000003").mkdir()
+    (tmp_path / "step_0000003" / "meta.json").write_bytes(content)
+    with pytest.raises(ValueError, match=needle) as info:
+        read_meta(tmp_path / "step_0000003")
+    assert str(tmp_path / "step_0000003" / "meta.json") in str(info.value)
+
+
+def test_labelled_folder_skips_special_files_instead_of_hanging(tmp_path):
+    """An eval folder from elsewhere: a FIFO named x.png would block a plain read for good and
+    a symlink to /dev/zero read forever; each is a counted skip."""
+    import os
+
+    from pretrain.data.synthetic import write_shapes_folders
+    from pretrain.eval import load_labelled
+
+    write_shapes_folders(tmp_path / "f", 8, seed=1)  # 4 classes of 2 images
+    os.mkfifo(tmp_path / "f" / "circle" / "fifo.png")
+    os.symlink("/dev/zero", tmp_path / "f" / "square" / "zero.png")
+    data = load_labelled(str(tmp_path / "f"))
+    assert data.skipped == 2 and len(data.images) == 8
