@@ -304,13 +304,18 @@ def _crawl_seeds(cfg: PipelineConfig, layout: RunLayout) -> None:
     shard = seed_shard(layout)
     spec, kind = cfg.curate.seeds, seed_source_kind(cfg.curate.seeds)
     source = InputConfig(kind=kind, **{kind: spec})
+    done = shard.stats.exists()
+    # beside the crawl's own files, so that the seed embedding's token (the stats) is unchanged
+    source_file = shard.stats.with_name("source.json")
     tables = [t for _, t in iter_shards(source, 1 << 30)]
     if not tables:
         raise ConfigError(f"curate.seeds: {spec} holds no images")
     table = pa.concat_tables(tables)
-    fingerprint = source_fingerprint(table, kind)
-    if shard.stats.exists():
-        if read_stats(shard.stats).get("source_fingerprint") == fingerprint:
+    fingerprint = {"source_fingerprint": source_fingerprint(table, kind)}
+    if done:
+        # no source.json: crawled before fingerprints were kept (or killed right after): as is
+        if not source_file.exists() or read_stats(source_file) == fingerprint:
+            write_stats(fingerprint, source_file)
             return
         log.info("curate: the seed set %s changed since it was crawled: crawling it again", spec)
         for path in (shard.stats, shard.parquet, shard.tar):  # nothing of the old set is reused
@@ -319,7 +324,7 @@ def _crawl_seeds(cfg: PipelineConfig, layout: RunLayout) -> None:
     clear_temporaries(shard.tar.parent)
     crawl = dataclasses.replace(to_object(cfg.crawl), shard_size=1 << 30)
     stats = ray.get(_crawl_seeds_task.remote(table, str(shard.tar.parent), crawl, kind))
-    write_stats({**stats, "source_fingerprint": fingerprint}, shard.stats)
+    write_stats(fingerprint, source_file)
     log.info("curate: %d seed images of %d ready (%s)", stats["successes"], stats["count"], spec)
 
 

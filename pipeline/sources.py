@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pipeline.config import INPUT_KINDS, InputConfig
 from pipeline.fetch import FetchError
 from pipeline.layout import is_reserved_field
-from pretrain.data.tars import FileTooLarge, read_regular_file
+from pretrain.data.tars import FileTooLarge, open_regular, read_regular_file
 
 URL_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".txt": "txt"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -154,10 +154,10 @@ def _folder_batches(folder: str) -> Iterator[pa.RecordBatch]:
     root = Path(folder)
     if not folder or not root.is_dir():
         raise InputError(f"input.folder is not a directory: {folder!r}")
-    files = sorted(  # regular files only: a FIFO named x.jpg would block its reader for good
+    files = sorted(  # no FIFO (it is no image); a symlink is listed (broken: a read_error row)
         str(p.resolve())
         for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink())
     )
     for start in range(0, len(files), 4096):
         yield pa.RecordBatch.from_pydict({"url": files[start : start + 4096]})
@@ -166,19 +166,20 @@ def _folder_batches(folder: str) -> Iterator[pa.RecordBatch]:
 def _tar_batches(pattern: str) -> Iterator[pa.RecordBatch]:
     import tarfile
 
-    paths = sorted(glob.glob(pattern)) if pattern else []
+    paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p)) if pattern else []
     if not paths:
         raise InputError(f"input.tars matches no files: {pattern!r}")
     for path in paths:
         urls, offsets, sizes = [], [], []
         try:
-            with tarfile.open(path, "r:") as tar:  # members are read by offset: no compression
+            # members are read by their offset in the file: no compression
+            with open_regular(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 for member in tar:
                     if member.isfile() and Path(member.name).suffix.lower() in IMAGE_EXTENSIONS:
                         urls.append(f"{os.path.abspath(path)}#{member.name}")
                         offsets.append(member.offset_data)
                         sizes.append(member.size)
-        except tarfile.TarError as exc:
+        except (tarfile.TarError, OSError, ValueError) as exc:
             raise InputError(
                 f"input.tars: {path} is not a readable uncompressed tar: {exc}"
             ) from None
@@ -228,10 +229,10 @@ def local_loader(kind: str, max_bytes: int):
         if size > max_bytes:
             raise FetchError("too_large", f"tar member of {size} bytes > max_bytes={max_bytes}")
         try:
-            with open(tar_path, "rb") as f:
+            with open_regular(tar_path) as f:
                 f.seek(row["tar_offset"])
                 data = f.read(size)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise FetchError("read_error", f"cannot read {tar_path}: {exc}") from None
         if len(data) != size:
             raise FetchError("read_error", f"{tar_path} ends {size - len(data)} bytes early")

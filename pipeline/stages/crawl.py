@@ -211,7 +211,7 @@ def _previous_results(
     try:
         for key, files in iter_tar_samples(paths.tar):
             samples[key] = files
-    except (OSError, EOFError, tarfile.TarError) as exc:
+    except (EOFError, tarfile.TarError) as exc:
         log.warning("%s: unreadable after %d samples (%s); the rest is fetched again",
                     paths.tar, len(samples), exc)  # fmt: skip
     out = {}

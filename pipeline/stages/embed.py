@@ -17,6 +17,7 @@ import glob
 import io
 import json
 import logging
+import os
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -183,7 +184,8 @@ class CrawlSamples:
                 if "jpg" in files:
                     seen.add(key)
                     yield key, files["jpg"]
-        except (OSError, EOFError, tarfile.TarError) as exc:
+        except (EOFError, tarfile.TarError) as exc:  # cut short or garbled; an OSError (a
+            # disk or network error, maybe passing) fails the shard's task: the next run redoes it
             reason = f"crawl tar unreadable after {len(seen)} samples: {type(exc).__name__}: {exc}"
             log.warning("shard %05d: %s", self.shard.index, reason)
         lost = sorted(k for k in self.expected - seen if self.keep(k))
@@ -231,12 +233,14 @@ def eval_set_files(spec: str, what: str = "decontaminate.sets") -> list[tuple[st
     """An evaluation set (a folder of images, or a glob of tars) as (path, tar member or None)."""
     path = Path(spec)
     if path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        files = sorted(  # a FIFO is no image; a symlink is listed (broken: a failure)
+            p
+            for p in path.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_file() or p.is_symlink())
         )
         items = [(str(p), None) for p in files]
     else:
-        tars = sorted(glob.glob(spec))
+        tars = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
         if not tars:
             raise EmbedInputError(f"{what}: {spec} is neither a folder nor a tar glob")
         items = [(t, None) for t in tars if t.endswith(".tar")]
@@ -283,16 +287,17 @@ def part_intact(part: EmbedPart, token: str) -> bool:
         return False
     try:
         marker = json.loads(part.done.read_text())
-        if marker.get("token") != token:
+        if not isinstance(marker, dict) or marker.get("token") != token:
             return False
+        count, dim = int(marker["count"]), int(marker["dim"])
         rows = np.load(part.npy, mmap_mode="r").shape
         keys = pq.read_metadata(part.keys).num_rows
-    except (OSError, ValueError, pa.ArrowException) as exc:
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
         log.warning("%s: re-embedding, its files do not read: %s", part.done, exc)
         return False
-    if rows != (marker["count"], marker["dim"]) or keys != marker["count"]:
-        log.warning("%s: re-embedding, %d features and %d keys where it recorded %d",
-                    part.done, rows[0], keys, marker["count"])  # fmt: skip
+    if rows != (count, dim) or keys != count:
+        log.warning("%s: re-embedding, %s features and %d keys where it recorded %d",
+                    part.done, rows, keys, count)  # fmt: skip
         return False
     return True
 

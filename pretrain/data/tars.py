@@ -29,17 +29,25 @@ class FileTooLarge(ValueError):
         self.size = size
 
 
+def open_regular(path: str | os.PathLike):
+    """A binary file object of ``path`` if it is a regular file; ValueError otherwise. Opened
+    without blocking (a FIFO named x.jpg or x.tar would hang a plain ``open``), then checked
+    (a symlink to /dev/zero would read forever). OSError if it cannot be opened."""
+    f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise ValueError(f"{path} is not a regular file")
+    return f
+
+
 def read_regular_file(path: str | os.PathLike, max_bytes: int = MAX_MEMBER_BYTES) -> bytes:
-    """The bytes of a regular file of at most ``max_bytes``; image folders are files from
-    elsewhere. Opened without blocking (a FIFO named x.jpg would hang a plain ``open``), then
-    refused unless a regular file (a symlink to /dev/zero reads forever), and read with a bound
-    (a file may grow after its size was checked). OSError if it cannot be read."""
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        if st.st_size > max_bytes:
-            raise FileTooLarge(str(path), st.st_size, max_bytes)
+    """The bytes of a regular file (see ``open_regular``) of at most ``max_bytes``; image
+    folders are files from elsewhere. Read with a bound: a file may grow after its size was
+    checked. OSError if it cannot be read."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise FileTooLarge(str(path), size, max_bytes)
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise FileTooLarge(str(path), len(data), max_bytes)
@@ -48,7 +56,7 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int = MAX_MEMBER_BYTES
 
 def tar_samples(path: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict]:
     """{"__key__", "__url__", field: bytes, ...} per sample, in tar order."""
-    with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with open_regular(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         sample: dict | None = None
         for member in tar:
             if not member.isfile():

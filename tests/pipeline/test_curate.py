@@ -475,6 +475,9 @@ def test_an_edited_seed_set_is_crawled_again(curated_run, seeds_dir, ray_address
     assert not curate.get("skipped") and curate["seeds_included"] == 1
     selection = pq.read_table(layout.selection).to_pylist()
     assert sum(r["selected_by"] == "seed" for r in selection) == 1
+    edited.unlink()  # gone: refused before Ray, like any missing input
+    third = _cli(*_args(urls, run, *same, "stages=[curate]"), address=ray_address)
+    assert third.returncode == 2 and "curate.seeds" in third.stderr, third.stderr[-3000:]
 
 
 def test_rerun_skips_and_changed_settings_are_refused(curated_run, eval_dir, seeds_dir,

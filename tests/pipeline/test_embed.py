@@ -150,6 +150,12 @@ def test_crawl_tar_losing_samples_counts_them(embedder, tmp_path):
     assert marker["count"] == 2 and marker["failures"] == 4
     assert [r["key"] for r in failed] == ["k2", "k3", "k4", "k6"]
     assert all("crawl tar unreadable after 2 samples" in r["error"] for r in failed)
+    # An I/O error (here: the tar gone) is not a property of the data: the shard's task fails
+    # and writes no done marker, so the next run embeds it again.
+    shard.tar.unlink()
+    with pytest.raises(FileNotFoundError):
+        embed_crawl_shard(embedder, shard, {"k5"}, part, token="x")
+    assert not part.done.exists()
 
 
 def test_a_part_whose_files_went_short_is_not_taken_as_done(embedder, tmp_path):
@@ -179,12 +185,16 @@ def test_a_part_whose_files_went_short_is_not_taken_as_done(embedder, tmp_path):
     assert not part_intact(part, "t1")
     part.keys.unlink()
     assert not part_intact(part, "t1")
+    part.done.write_text("[]")  # a marker that is not one: re-embed, not a crash
+    assert not part_intact(part, "t1")
+    part.done.write_text('{"token": "t1"}')
+    assert not part_intact(part, "t1")
 
 
 def test_eval_set_special_and_oversized_files_are_failures_not_hangs(embedder, tmp_path):
-    """An evaluation set is a folder from elsewhere: a FIFO or a symlink to /dev/zero named as
-    an image is not listed; a file that turns into one after the listing, or one over 64 MiB,
-    is a recorded failure of its key."""
+    """An evaluation set is a folder from elsewhere: a FIFO named as an image is not listed; a
+    symlink to /dev/zero, a file that turns into a FIFO after the listing, or one over 64 MiB,
+    is a recorded failure of its key; a FIFO named x.tar is not one of a set's tars."""
     import os
 
     folder = tmp_path / "set"
@@ -193,8 +203,8 @@ def test_eval_set_special_and_oversized_files_are_failures_not_hangs(embedder, t
         (folder / f"{i}.png").write_bytes(_png((70, 70), seed=i))
     os.mkfifo(folder / "fifo.jpg")
     os.symlink("/dev/zero", folder / "zero.jpg")
-    assert [Path(p).name for p, _ in eval_set_files(str(folder))] == ["0.png", "1.png", "2.png"]
     items = eval_set_files(str(folder))
+    assert [Path(p).name for p, _ in items] == ["0.png", "1.png", "2.png", "zero.jpg"]
     (folder / "1.png").unlink()
     os.mkfifo(folder / "1.png")
     with open(folder / "2.png", "r+b") as f:
@@ -203,6 +213,14 @@ def test_eval_set_special_and_oversized_files_are_failures_not_hangs(embedder, t
     assert [Path(k).name for k in keys] == ["0.png"] and feats.shape == (1, 64)
     errors = {Path(k).name: e for k, e in failures}
     assert "not a regular file" in errors["1.png"] and "cap" in errors["2.png"]
+    assert "not a regular file" in errors["zero.jpg"]
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    sink = TarSink(tars / "a.tar")
+    sink.add("k0", _png((70, 70), seed=0), {})
+    sink.commit()
+    os.mkfifo(tars / "b.tar")
+    assert eval_set_files(str(tars / "*.tar")) == [(str(tars / "a.tar"), None)]
 
 
 def test_cls_patch_mean_features(tmp_path):

@@ -231,7 +231,8 @@ def test_unreadable_and_oversized_local_files_are_recorded_rows(tmp_path):
 def test_special_files_named_as_images_neither_hang_nor_read_forever(tmp_path):
     """A FIFO named x.jpg (a plain open would block for good) is not listed, and when it
     replaces an image after the listing it is its row's read_error; so is a symlink to
-    /dev/zero (it would read forever)."""
+    /dev/zero (it would read forever), listed or put in place later. A FIFO named x.tar among
+    the input tars is not one of them."""
     folder = tmp_path / "images"
     folder.mkdir()
     good = _image((10, 200, 30))
@@ -241,8 +242,11 @@ def test_special_files_named_as_images_neither_hang_nor_read_forever(tmp_path):
     os.symlink("/dev/zero", folder / "zero.jpg")
     ((_, table),) = list(iter_shards(InputConfig(kind="folder", folder=str(folder)), 100))
     assert sorted(Path(u).name for u in table["url"].to_pylist()) == [
-        "a.png", "later-fifo.png", "later-zero.png"
-    ]  # fmt: skip
+        "a.png",
+        "later-fifo.png",
+        "later-zero.png",
+        "zero",
+    ]  # fmt: skip (the symlink is listed by its target's path, /dev/zero)
     (folder / "later-fifo.png").unlink()
     os.mkfifo(folder / "later-fifo.png")
     (folder / "later-zero.png").unlink()
@@ -252,9 +256,18 @@ def test_special_files_named_as_images_neither_hang_nor_read_forever(tmp_path):
         Path(r["url"]).name: r for r in pq.read_table(tmp_path / "out/00000.parquet").to_pylist()
     }
     assert rows["a.png"]["status"] == "success"
-    for name in ("later-fifo.png", "later-zero.png"):
+    for name in ("later-fifo.png", "later-zero.png", "zero"):
         assert rows[name]["error_type"] == "read_error"
         assert "not a regular file" in rows[name]["error_message"]
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    with tarfile.open(tars / "a.tar", "w") as tar:
+        info = tarfile.TarInfo("a.png")
+        info.size = len(good)
+        tar.addfile(info, io.BytesIO(good))
+    os.mkfifo(tars / "b.tar")
+    ((_, table),) = list(iter_shards(InputConfig(kind="tars", tars=str(tars / "*.tar")), 100))
+    assert [u.split("#")[0] for u in table["url"].to_pylist()] == [str(tars / "a.tar")]
 
 
 def test_compressed_input_tars_are_a_clear_error(tmp_path):
