@@ -239,6 +239,10 @@ def _validate_shard(name: str, tar: Path, parquet: Path, stats: dict) -> list[st
     for member, times in sorted(members.items()):
         if times > 1:
             problems.append(f"{name}: tar member {member} appears {times} times")
+        stem, dot, _ = member.rpartition("/")[2].partition(".")
+        if not (dot and stem) or member.rpartition("/")[2].startswith("__"):
+            # no sample field (WebDataset readers skip it): the crawl never writes one
+            problems.append(f"{name}: tar member {member} is no KEY.field sample member")
     found = dict(samples)
     for key in sorted(set(expected) - set(found)):
         problems.append(f"{name}: {key} in parquet but not in tar")

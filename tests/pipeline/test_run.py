@@ -102,6 +102,18 @@ def test_crawl_dedup_manifest(image_server, small_web, url_file, ray_address, tm
     assert [p for p in problems if p.startswith("00002")] == [
         f"00002: tar member {m.name} appears 2 times" for m in sorted(first, key=lambda m: m.name)
     ]
+    # Stray members (no field name, WebDataset's own `__` names): reading skips them, validate
+    # names them.
+    tar3 = out / "crawl" / "00003.tar"
+    with tarfile.open(tar3, "a") as archive:
+        for stray in ("README", "__meta__.json"):
+            info = tarfile.TarInfo(stray)
+            info.size = 2
+            archive.addfile(info, io.BytesIO(b"hi"))
+    problems = json.loads(_cli("manifest", "validate", str(out), "--json").stdout)["problems"]
+    assert [p for p in problems if p.startswith("00003")] == [
+        f"00003: tar member {m} is no KEY.field sample member" for m in ("README", "__meta__.json")
+    ]
 
 
 def _tamper(tar_path: Path) -> None:
