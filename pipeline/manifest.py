@@ -239,8 +239,9 @@ def _validate_shard(name: str, tar: Path, parquet: Path, stats: dict) -> list[st
     for member, times in sorted(members.items()):
         if times > 1:
             problems.append(f"{name}: tar member {member} appears {times} times")
-        stem, dot, _ = member.rpartition("/")[2].partition(".")
-        if not (dot and stem) or member.rpartition("/")[2].startswith("__"):
+        base = member.rpartition("/")[2]
+        stem, dot, _ = base.partition(".")
+        if not (stem and dot) or base.startswith("__"):  # the shared reader's rule
             # no sample field (WebDataset readers skip it): the crawl never writes one
             problems.append(f"{name}: tar member {member} is no KEY.field sample member")
     found = dict(samples)

@@ -30,8 +30,8 @@ from pipeline import plan
 from pipeline.config import CrawlConfig, EmbedConfig, PipelineConfig
 from pipeline.layout import RunLayout, clear_temporaries, shard_of_key, token
 from pipeline.shardio import read_stats, write_stats, write_train_shard_list
-from pipeline.sources import iter_shards
-from pipeline.stages.crawl import crawl_shard_steps, input_digest
+from pipeline.sources import input_digest, iter_shards
+from pipeline.stages.crawl import crawl_shard_steps
 from pipeline.stages.dedup import run_dedup
 from pretrain.configtools import ConfigError, to_object
 

@@ -189,22 +189,28 @@ def _tar_batches(pattern: str) -> Iterator[pa.RecordBatch]:
             )
 
 
-def source_fingerprint(table: pa.Table, kind: str) -> str:
-    """SHA-256 of what a source's rows would load: their URLs in order and, for local files
-    and tars, each file's size and modification time (an image replaced in place changes it)."""
+def input_digest(table: pa.Table) -> str:
+    """SHA-256 of an input shard's URLs, in order: what a finished shard was crawled from."""
     digest = hashlib.sha256()
-    seen: dict[str, tuple] = {}
     for url in table.column("url").to_pylist():
         digest.update(f"{url}\n".encode(errors="surrogatepass"))
-        if kind != "urls":
-            path = url.split("#", 1)[0] if kind == "tars" else url
-            if path not in seen:
-                try:
-                    st = os.stat(path)
-                    seen[path] = (st.st_size, st.st_mtime_ns)
-                except OSError:
-                    seen[path] = (None, None)
-            digest.update(repr(seen[path]).encode())
+    return digest.hexdigest()
+
+
+def source_fingerprint(table: pa.Table, kind: str) -> str:
+    """``input_digest`` and, for local files and tars, each file's size and modification time
+    (an image replaced in place under the same name changes it)."""
+    digest = hashlib.sha256(input_digest(table).encode())
+    if kind != "urls":
+        paths = (
+            url.split("#", 1)[0] if kind == "tars" else url for url in table["url"].to_pylist()
+        )
+        for path in dict.fromkeys(paths):  # each file once, in order
+            try:
+                st = os.stat(path)
+                digest.update(f"{st.st_size} {st.st_mtime_ns}\n".encode())
+            except OSError:
+                digest.update(b"gone\n")
     return digest.hexdigest()
 
 

@@ -21,22 +21,9 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.safe_yaml import ConfigError, load_yaml
+from pretrain.safe_yaml import ConfigError, load_yaml  # callers import both from here too
 
 T = TypeVar("T")
-
-__all__ = [
-    "AtomicFile",
-    "ConfigError",
-    "atomic_write_text",
-    "fsync_dir",
-    "load_config",
-    "load_yaml",
-    "save_config",
-    "to_dict",
-    "to_object",
-    "to_yaml",
-]
 
 
 def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from pipeline.shardio import (
     write_parquet_atomic,
     write_stats,
 )
-from pipeline.sources import local_loader
+from pipeline.sources import input_digest, local_loader
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +202,8 @@ def _previous_results(
     retry_failed. Only what can be reused: nothing if the shard was crawled from other URLs (a
     key is a row index), and no success whose image the tar no longer holds (a member gone, a
     tar cut short: those rows are fetched again)."""
-    stats = json.loads(paths.stats.read_text())
-    if stats.get("input_urls_sha256", input_digest(table)) != input_digest(table):
+    crawled_from = json.loads(paths.stats.read_text()).get("input_urls_sha256")
+    if crawled_from not in (None, input_digest(table)):  # None: a shard of before it was kept
         log.warning("%s: crawled from other URLs; nothing of it is reused", paths.stats)
         return {}
     records = pq.read_table(paths.parquet, columns=list(MANIFEST_COLUMNS)).to_pylist()
@@ -242,14 +242,6 @@ def _manifest_table(records: list[dict], source: pa.Table) -> pa.Table:
         if name not in MANIFEST_SCHEMA.names:
             table = table.append_column(name, source.column(name))
     return table
-
-
-def input_digest(table: pa.Table) -> str:
-    """SHA-256 of an input shard's URLs, in order: what a finished shard was crawled from."""
-    digest = hashlib.sha256()
-    for url in table.column("url").to_pylist():
-        digest.update(f"{url}\n".encode(errors="surrogatepass"))
-    return digest.hexdigest()
 
 
 def _stats(records: list[dict], shard_index: int, started: float) -> dict:

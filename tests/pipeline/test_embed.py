@@ -101,41 +101,38 @@ def test_corrupt_sample_is_counted_not_fatal(embedder, tmp_path):
     assert keys == ["k0", "k1", "k2", "k3", "k4"] and feats.shape == (5, 64)
     assert [k for k, _ in failures] == ["broken"] and "UnidentifiedImageError" in failures[0][1]
     # A crawl tar holding an undecodable member: recorded in the part's failures table.
-    layout = RunLayout(tmp_path)
-    layout.crawl_dir.mkdir(parents=True)
-    sink = TarSink(layout.crawl_shard(3).tar)
-    for key, data in samples:
-        sink.add(key, data, {})
-    sink.commit()
-    _crawl_parquet(layout.crawl_shard(3), [k for k, _ in samples])
+    layout, shard = _crawl_shard(tmp_path, 3, samples, [k for k, _ in samples])
     part = layout.embed_part("00003")
-    marker = embed_crawl_shard(embedder, layout.crawl_shard(3), set(), part, token="x")
+    marker = embed_crawl_shard(embedder, shard, set(), part, token="x")
     assert marker["count"] == 5 and marker["failures"] == 1
     failed = pq.read_table(part.npy.with_name("00003.failures.parquet")).to_pylist()
     assert failed[0]["key"] == "broken"
     assert json.loads(part.done.read_text())["count"] == 5
 
 
-def _crawl_parquet(shard, successes: list[str], failed: tuple[str, ...] = ()) -> None:
-    """The key and status columns of a crawl shard's parquet (all the embed stage reads)."""
+def _crawl_shard(tmp_path, index: int, samples, successes, failed=()):
+    """(layout, shard): a crawl shard on disk whose tar holds ``samples`` ((key, image bytes))
+    and whose parquet lists ``successes`` and ``failed`` keys (the columns embed reads)."""
+    layout = RunLayout(tmp_path)
+    layout.crawl_dir.mkdir(parents=True, exist_ok=True)
+    shard = layout.crawl_shard(index)
+    sink = TarSink(shard.tar)
+    for key, data in samples:
+        sink.add(key, data, {})
+    sink.commit()
     keys = list(successes) + list(failed)
     status = ["success"] * len(successes) + ["error"] * len(failed)
     pq.write_table(pa.table({"key": keys, "status": status}), shard.parquet)
+    return layout, shard
 
 
 def test_crawl_tar_losing_samples_counts_them(embedder, tmp_path):
     """A crawl tar that no longer holds what its parquet says crawled fine (a member gone, the
     tar cut short) embeds what it holds and records every missing success as a failure."""
-    layout = RunLayout(tmp_path)
-    layout.crawl_dir.mkdir(parents=True)
-    shard = layout.crawl_shard(0)
-    sink = TarSink(shard.tar)
-    for i in range(6):
-        sink.add(f"k{i}", _png((80, 70), seed=i), {})
-    sink.commit()
     # k6 is a success in the parquet but not in the tar; f0 failed (never in a tar); k5 is a
     # dedup drop (not embedded, not a failure)
-    _crawl_parquet(shard, [f"k{i}" for i in range(7)], failed=("f0",))
+    images = [(f"k{i}", _png((80, 70), seed=i)) for i in range(6)]
+    layout, shard = _crawl_shard(tmp_path, 0, images, [f"k{i}" for i in range(7)], ("f0",))
     part = layout.embed_part("00000")
     marker = embed_crawl_shard(embedder, shard, {"k5"}, part, token="x")
     assert marker["count"] == 5 and marker["failures"] == 1
@@ -163,14 +160,8 @@ def test_a_part_whose_files_went_short_is_not_taken_as_done(embedder, tmp_path):
     of the rows it recorded; a truncated or missing .npy, or lost keys, mean re-embed."""
     import os
 
-    layout = RunLayout(tmp_path)
-    layout.crawl_dir.mkdir(parents=True)
-    shard = layout.crawl_shard(0)
-    sink = TarSink(shard.tar)
-    for i in range(4):
-        sink.add(f"k{i}", _png((80, 70), seed=i), {})
-    sink.commit()
-    _crawl_parquet(shard, [f"k{i}" for i in range(4)])
+    images = [(f"k{i}", _png((80, 70), seed=i)) for i in range(4)]
+    layout, shard = _crawl_shard(tmp_path, 0, images, [k for k, _ in images])
     part = layout.embed_part("00000")
     embed_crawl_shard(embedder, shard, set(), part, token="t1")
     assert part_intact(part, "t1") and not part_intact(part, "t2")
