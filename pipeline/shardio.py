@@ -7,7 +7,9 @@ Where the files live is `pipeline.layout`'s business.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,17 +52,26 @@ class TarSink:
     """Appends KEY.jpg + KEY.json members to a temporary tar; ``commit`` renames it into place.
 
     The archive is USTAR, as ``tarfile`` would write it (tested byte for byte), written directly.
+    With ``key_order``, samples may be added in any order (a crawl adds them as their fetches
+    finish) and the committed tar holds them sorted by key: ``commit`` copies each sample's
+    bytes (header and data, already laid out) into a second temporary file in key order, a copy
+    the kernel does (``copy_file_range``) without the bytes passing through Python. So the same
+    input gives the same tar, whatever the network's timing.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, key_order: bool = False) -> None:
         self.path = path
         self._file = AtomicFile(path)
         self._out = open(self._file.tmp, "wb", buffering=1 << 20)  # noqa: SIM115 (commit / abort close it)
         self._offset = 0
+        self._spans: list[tuple[str, int, int]] | None = [] if key_order else None
 
     def add(self, key: str, jpeg: bytes, meta: dict) -> None:
+        start = self._offset
         self._member(f"{key}.jpg", jpeg)
         self._member(f"{key}.json", json.dumps(meta, default=str, sort_keys=True).encode())
+        if self._spans is not None:
+            self._spans.append((key, start, self._offset - start))
 
     def _member(self, name: str, data: bytes) -> None:
         pad = -len(data) % _BLOCK
@@ -70,15 +81,56 @@ class TarSink:
             self._out.write(b"\x00" * pad)
         self._offset += _BLOCK + len(data) + pad
 
-    def commit(self) -> None:
+    def _end(self) -> bytes:
         end = self._offset + 2 * _BLOCK  # two zero blocks close the archive ...
-        self._out.write(b"\x00" * (2 * _BLOCK + -end % _RECORD))  # ... padded to a record
+        return b"\x00" * (2 * _BLOCK + -end % _RECORD)  # ... padded to a record
+
+    def commit(self) -> None:
+        spans = self._spans
+        if spans is None or all(a[0] <= b[0] for a, b in zip(spans, spans[1:])):
+            self._out.write(self._end())
+            self._out.close()
+            self._file.commit()
+            return
         self._out.close()
-        self._file.commit()
+        ordered = AtomicFile(self.path)
+        try:
+            with open(self._file.tmp, "rb") as src, open(ordered.tmp, "wb", buffering=0) as dst:
+                for _, start, length in sorted(spans):
+                    _copy_range(src.fileno(), dst.fileno(), start, length)
+                dst.write(self._end())
+            ordered.commit()
+        except BaseException:
+            ordered.abort()
+            raise
+        finally:
+            self._file.abort()
 
     def abort(self) -> None:
         self._out.close()
         self._file.abort()
+
+
+def _copy_range(src: int, dst: int, start: int, length: int) -> None:
+    """Append ``length`` bytes of ``src`` from ``start`` at ``dst``'s position, in the kernel
+    where it can (``copy_file_range``), else through a buffer."""
+    copy = getattr(os, "copy_file_range", None)  # Linux only
+    done = 0
+    while done < length:
+        n = 0
+        if copy is not None:
+            try:
+                n = copy(src, dst, length - done, start + done)
+            except OSError as exc:  # not on this kernel or filesystem
+                if exc.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                copy = None
+        if n == 0:  # not supported, or the source ended early: copy through a buffer
+            chunk = os.pread(src, min(length - done, 1 << 20), start + done)
+            if not chunk:
+                raise OSError(errno.EIO, f"tar ended at {start + done} of {start + length}")
+            n = os.write(dst, chunk)
+        done += n
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:

@@ -118,7 +118,7 @@ def crawl_shard_steps(
     fetcher = Fetcher(cfg) if kind == "urls" else None
     load = _url_loader(fetcher) if fetcher else local_loader(kind, cfg.max_bytes)
     paths.stats.unlink(missing_ok=True)  # not done until rewritten below
-    sink = TarSink(paths.tar)
+    sink = TarSink(paths.tar, key_order=True)
     records: list[dict | None] = [None] * len(rows)
     try:
         with ThreadPoolExecutor(cfg.threads_per_task) as pool:
@@ -159,8 +159,9 @@ def _completed_results(pool, rows, load, cfg, previous, shard_index, width) -> I
 
     A bounded number of rows is in flight, so memory stays flat; nothing waits on the slowest
     row (a server that takes the whole timeout, a retry's backoff), which a row-ordered window
-    would: there every thread idles once the window fills behind one slow URL. The tar is in
-    completion order; the manifest, built from these by row index, stays in row order. Each
+    would: there every thread idles once the window fills behind one slow URL. Rows reach the
+    tar sink in completion order and it commits them in key (= row) order; the manifest, built
+    from these by row index, is in row order too. Each
     finished row is queued by its future's callback: taking one costs O(1), where
     ``concurrent.futures.wait`` scanned (and hooked a waiter onto) every row in flight.
     """
