@@ -29,7 +29,7 @@ from PIL import Image
 
 from pipeline import manifest
 from pipeline.layout import RunLayout, shard_of_key
-from pipeline.stages.write import tar_member_index
+from pipeline.shardio import tar_member_index
 from pretrain.configtools import atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -151,6 +151,25 @@ def read_stats(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+MemberIndex = dict[str, dict[str, tuple[int, int]]]
+
+
+def tar_member_index(tar_path: Path) -> MemberIndex:
+    """key -> {extension: (data offset, size)} of a tar, from its headers only (tarfile seeks
+    over the data of an uncompressed tar), so a writer can seek + read one member."""
+    index: MemberIndex = {}
+    with tarfile.open(tar_path, "r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            files = index.setdefault(key, {})
+            if ext in files:
+                raise ValueError(f"{tar_path}: member {member.name} appears twice")
+            files[ext] = (member.offset_data, member.size)
+    return index
+
+
 def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample, in tar order; members of one key are adjacent.
 

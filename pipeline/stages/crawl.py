@@ -31,6 +31,7 @@ from pipeline.shardio import (
     MANIFEST_SCHEMA,
     TarSink,
     iter_tar_samples,
+    tar_member_index,
     write_parquet_atomic,
     write_stats,
 )
@@ -196,6 +197,24 @@ def _take(finished: queue.SimpleQueue) -> tuple:
     return row_index, key, record, jpeg, None
 
 
+def lost_samples(paths: CrawlShard) -> int:
+    """How many successes of a finished shard its tar no longer holds whole: a member gone, the
+    tar cut short or unreadable (a disk error, a hand edit, a copy that stopped). Read from the
+    tar's headers and the manifest's key and status columns only. ``retry_failed`` reopens a
+    shard with any, as it does one with failures; an unreadable manifest counts as one."""
+    try:
+        rows = pq.read_table(paths.parquet, columns=["key", "status"]).to_pylist()
+    except (OSError, pa.ArrowException):
+        return 1
+    wanted = [r["key"] for r in rows if r["status"] == "success"]
+    try:
+        index, size = tar_member_index(paths.tar), paths.tar.stat().st_size
+    except (OSError, EOFError, tarfile.TarError, ValueError):
+        return len(wanted) or 1
+    whole = {key for key, files in index.items() if "jpg" in files and sum(files["jpg"]) <= size}
+    return sum(key not in whole for key in wanted)
+
+
 def _previous_results(
     paths: CrawlShard, table: pa.Table
 ) -> dict[str, tuple[dict, bytes, dict | None]]:
@@ -207,7 +226,11 @@ def _previous_results(
     if crawled_from not in (None, input_digest(table)):  # None: a shard of before it was kept
         log.warning("%s: crawled from other URLs; nothing of it is reused", paths.stats)
         return {}
-    records = pq.read_table(paths.parquet, columns=list(MANIFEST_COLUMNS)).to_pylist()
+    try:
+        records = pq.read_table(paths.parquet, columns=list(MANIFEST_COLUMNS)).to_pylist()
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("%s: unreadable (%s); the whole shard is fetched again", paths.parquet, exc)
+        return {}
     samples: dict[str, dict[str, bytes]] = {}
     try:
         for key, files in iter_tar_samples(paths.tar):

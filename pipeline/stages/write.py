@@ -43,7 +43,7 @@ from pipeline.layout import (
     shard_of_key,
     token,
 )
-from pipeline.shardio import TarSink, read_stats, write_stats
+from pipeline.shardio import MemberIndex, TarSink, read_stats, tar_member_index, write_stats
 from pretrain.models.loading import file_sha256
 
 # --- layout (to move to pipeline.layout) ---------------------------------------------------------
@@ -67,7 +67,6 @@ _REPEAT_RE = re.compile(rf"^(.+){REPEAT_SEP}([1-9][0-9]*)$")
 _BAD_KEY = re.compile(r"[./\s]")  # WebDataset splits KEY.ext at the first dot
 
 Entry = tuple[str, str]  # (output key, source key)
-MemberIndex = dict[str, dict[str, tuple[int, int]]]
 
 
 class CuratedShardError(RuntimeError):
@@ -119,22 +118,6 @@ def _check_source_key(key: str) -> None:
 
 
 # --- reading the crawl tars -----------------------------------------------------------------------
-
-
-def tar_member_index(tar_path: Path) -> MemberIndex:
-    """key -> {extension: (data offset, size)} of a tar, from its headers only (tarfile seeks
-    over the data of an uncompressed tar), so a writer can seek + read one member."""
-    index: MemberIndex = {}
-    with tarfile.open(tar_path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            files = index.setdefault(key, {})
-            if ext in files:
-                raise ValueError(f"{tar_path}: member {member.name} appears twice")
-            files[ext] = (member.offset_data, member.size)
-    return index
 
 
 def _index_of(member_index: dict | None, cache: dict, path: Path) -> MemberIndex:

@@ -195,6 +195,45 @@ def test_retry_failed_reattempts_failed_rows(image_server, url_file, ray_address
     assert _successful_keys(out) == {"000000000": urls[0], "000000001": urls[1]}
 
 
+def test_retry_failed_reopens_a_shard_whose_tar_lost_samples(
+    image_server, small_web, url_file, ray_address, tmp_path
+):
+    """A shard with no failures is reopened by retry_failed when its tar no longer holds every
+    success (one member dropped, another shard's tar cut short): only those are fetched again,
+    the rest copied, and the shards end byte-identical to the uninterrupted crawl's. A shard
+    that lost nothing is skipped."""
+    from pipeline.shardio import TarSink, iter_tar_samples
+
+    paths = small_web.paths()[:40]  # 3 shards of 16, 16, 8; no faults
+    urls = url_file(tmp_path / "urls.parquet", [image_server.url(p) for p in paths])
+    out = tmp_path / "run"
+    assert _cli(*_run_args(urls, out), address=ray_address).returncode == 0
+    crawl = out / "crawl"
+    reference = {t.name: t.read_bytes() for t in crawl.glob("*.tar")}
+    samples = list(iter_tar_samples(crawl / "00000.tar"))
+    lost_key = samples[5][0]
+    sink = TarSink(crawl / "00000.tar")  # shard 0: one sample's members gone
+    for key, files in samples:
+        if key != lost_key:
+            sink.add(key, files["jpg"], json.loads(files["json"]))
+    sink.commit()
+    cut = crawl / "00001.tar"  # shard 1: cut in the middle of its last image
+    cut.write_bytes(reference["00001.tar"][: len(reference["00001.tar"]) * 9 // 10])
+    assert _cli("manifest", "validate", str(out)).returncode == 1
+    lost_url = paths[int(lost_key[-4:])]  # a key is its row's position in the input
+    hits = dict(image_server.hits)
+
+    rerun = _cli(*_run_args(urls, out, "crawl.retry_failed=true"), address=ray_address)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    report = json.loads(rerun.stdout)["crawl"]
+    assert (report["crawled_shards"], report["skipped_shards"]) == (2, 1)
+    assert {t.name: t.read_bytes() for t in crawl.glob("*.tar")} == reference
+    assert image_server.hits[lost_url] == hits[lost_url] + 1
+    refetched = sum(image_server.hits[p] - hits.get(p, 0) for p in paths)
+    assert 2 <= refetched < 16  # the lost sample and shard 1's tail, not whole shards
+    assert _cli("manifest", "validate", str(out)).returncode == 0
+
+
 def test_a_shard_in_its_tail_lets_the_next_one_start(image_server, small_web, url_file,
                                                      ray_address, tmp_path):  # fmt: skip
     """Shards 0 and 1 end on two slow URLs each (2 s apiece, one thread a task): once their
