@@ -98,7 +98,7 @@ class TarSink:
             with open(self._file.tmp, "rb") as src, open(ordered.tmp, "wb", buffering=0) as dst:
                 for _, start, length in sorted(spans):
                     _copy_range(src.fileno(), dst.fileno(), start, length)
-                dst.write(self._end())
+                _write_all(dst.fileno(), self._end())
             ordered.commit()
         except BaseException:
             ordered.abort()
@@ -129,8 +129,15 @@ def _copy_range(src: int, dst: int, start: int, length: int) -> None:
             chunk = os.pread(src, min(length - done, 1 << 20), start + done)
             if not chunk:
                 raise OSError(errno.EIO, f"tar ended at {start + done} of {start + length}")
-            n = os.write(dst, chunk)
+            _write_all(dst, chunk)
+            n = len(chunk)
         done += n
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:

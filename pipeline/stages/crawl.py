@@ -141,7 +141,11 @@ def crawl_shard_steps(
         if fetcher:
             fetcher.close()
     write_parquet_atomic(_manifest_table(records, table), paths.parquet)
-    stats = {**_stats(records, shard_index, started), "input_urls_sha256": input_digest(table)}
+    stats = {
+        **_stats(records, shard_index, started),
+        "input_urls_sha256": input_digest(table),
+        "tar_bytes": paths.tar.stat().st_size,  # retry_failed: a tar of another size is checked
+    }
     write_stats(stats, paths.stats)
     yield stats
 
@@ -198,20 +202,27 @@ def _take(finished: queue.SimpleQueue) -> tuple:
 
 
 def lost_samples(paths: CrawlShard) -> int:
-    """How many successes of a finished shard its tar no longer holds whole: a member gone, the
-    tar cut short or unreadable (a disk error, a hand edit, a copy that stopped). Read from the
-    tar's headers and the manifest's key and status columns only. ``retry_failed`` reopens a
-    shard with any, as it does one with failures; an unreadable manifest counts as one."""
+    """How many successes of a finished shard its tar no longer holds whole (its ``jpg`` and
+    ``json`` members, each ending inside the file): a member gone, the tar cut short or
+    unreadable (a disk error, a hand edit, a copy that stopped). Read from the tar's headers and
+    the manifest's key and status columns only. ``retry_failed`` reopens a shard with any, as
+    it does one with failures; an unreadable manifest counts as one."""
     try:
         rows = pq.read_table(paths.parquet, columns=["key", "status"]).to_pylist()
-    except (OSError, pa.ArrowException):
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("%s: unreadable (%s)", paths.parquet, exc)
         return 1
     wanted = [r["key"] for r in rows if r["status"] == "success"]
     try:
         index, size = tar_member_index(paths.tar), paths.tar.stat().st_size
-    except (OSError, EOFError, tarfile.TarError, ValueError):
+    except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
+        log.warning("%s: unreadable (%s)", paths.tar, exc)
         return len(wanted) or 1
-    whole = {key for key, files in index.items() if "jpg" in files and sum(files["jpg"]) <= size}
+    whole = {
+        key
+        for key, files in index.items()
+        if {"jpg", "json"} <= files.keys() and all(o + n <= size for o, n in files.values())
+    }
     return sum(key not in whole for key in wanted)
 
 

@@ -111,37 +111,54 @@ def test_a_slow_url_does_not_hold_back_the_rest_of_the_shard(
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "no_kernel_copy"])
-def test_a_key_ordered_sink_writes_the_tar_an_in_order_one_writes(
-    tmp_path, monkeypatch, kernel_copy
-):
-    """Samples added out of key order commit byte for byte as the same samples added in order,
-    with the kernel's copy or (a filesystem without it) through a buffer."""
+@pytest.mark.parametrize("copy", ["kernel", "short_kernel_copies", "no_kernel_copy", "fails"])
+def test_a_key_ordered_sink_writes_the_tar_an_in_order_one_writes(tmp_path, monkeypatch, copy):
+    """Samples added out of key order commit byte for byte as the same samples added in order:
+    with the kernel's copy, with the short copies it may make, through a buffer (a filesystem
+    without it); an I/O error during the copy leaves no tar and no temporary."""
     import errno
     import os
 
     from pipeline import shardio
 
-    if not kernel_copy:
+    kernel_copy = os.copy_file_range
+    copied = []
 
-        def unsupported(*args):
+    def spy(src, dst, count, offset_src=None):
+        if copy == "no_kernel_copy":
             raise OSError(errno.EXDEV, "no copy_file_range across these files")
+        if copy == "fails" and copied:
+            raise OSError(errno.EIO, "disk error")
+        n = kernel_copy(src, dst, min(count, 1000) if copy == "short_kernel_copies" else count,
+                        offset_src)  # fmt: skip
+        copied.append(n)
+        return n
 
-        monkeypatch.setattr(os, "copy_file_range", unsupported, raising=False)
-
+    monkeypatch.setattr(os, "copy_file_range", spy)
     samples = [(f"{i:04d}", bytes([i]) * (100 + 517 * i), {"i": i}) for i in range(9)]
     shuffled = [samples[i] for i in (4, 0, 8, 2, 7, 1, 6, 3, 5)]
     in_order = shardio.TarSink(tmp_path / "a.tar")
     for sample in samples:
         in_order.add(*sample)
     in_order.commit()
+    reference = (tmp_path / "a.tar").read_bytes()
     sorted_sink = shardio.TarSink(tmp_path / "b.tar", key_order=True)
     for sample in shuffled:
         sorted_sink.add(*sample)
+    if copy == "fails":
+        with pytest.raises(OSError, match="disk error"):
+            sorted_sink.commit()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar"]
+        return
     sorted_sink.commit()
-    assert (tmp_path / "b.tar").read_bytes() == (tmp_path / "a.tar").read_bytes()
+    assert (tmp_path / "b.tar").read_bytes() == reference
     assert [k for k, _ in iter_tar_samples(tmp_path / "b.tar")] == [s[0] for s in samples]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar", "b.tar"]  # no temporaries
+    with tarfile.open(tmp_path / "a.tar") as archive:  # the samples' bytes: up to the end blocks
+        last = archive.getmembers()[-1]
+    members_end = last.offset_data + -(-last.size // 512) * 512
+    assert sum(copied) == (0 if copy == "no_kernel_copy" else members_end)
+    assert copy != "short_kernel_copies" or max(copied) == 1000
 
 
 def test_every_writer_is_atomic_and_leaves_nothing_behind_on_failure(tmp_path, monkeypatch):
