@@ -67,15 +67,20 @@ class TarSink:
         self._spans: list[tuple[str, int, int]] | None = [] if key_order else None
 
     def add(self, key: str, jpeg: bytes, meta: dict) -> None:
+        """Both headers are built before either member is written: a name USTAR cannot hold
+        raises ``ValueError`` with nothing of the sample in the tar."""
+        text = json.dumps(meta, default=str, sort_keys=True).encode()
+        members = [(ustar_header(f"{key}.{ext}", len(data)), data)
+                   for ext, data in (("jpg", jpeg), ("json", text))]  # fmt: skip
         start = self._offset
-        self._member(f"{key}.jpg", jpeg)
-        self._member(f"{key}.json", json.dumps(meta, default=str, sort_keys=True).encode())
+        for header, data in members:
+            self._member(header, data)
         if self._spans is not None:
             self._spans.append((key, start, self._offset - start))
 
-    def _member(self, name: str, data: bytes) -> None:
+    def _member(self, header: bytes, data: bytes) -> None:
         pad = -len(data) % _BLOCK
-        self._out.write(ustar_header(name, len(data)))
+        self._out.write(header)
         self._out.write(data)
         if pad:
             self._out.write(b"\x00" * pad)

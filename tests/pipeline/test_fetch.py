@@ -161,6 +161,19 @@ def test_a_key_ordered_sink_writes_the_tar_an_in_order_one_writes(tmp_path, monk
     assert copy != "short_kernel_copies" or max(copied) == 1000
 
 
+def test_a_key_the_tar_cannot_name_leaves_nothing_of_its_sample(tmp_path):
+    from pipeline import shardio
+
+    sink = shardio.TarSink(tmp_path / "x.tar")
+    sink.add("a", b"jpeg-a", {"n": 1})
+    with pytest.raises(ValueError):
+        sink.add("k" * 96, b"jpeg-k", {"n": 2})  # "k...k.jpg" fits USTAR, "k...k.json" does not
+    sink.add("b", b"jpeg-b", {"n": 3})
+    sink.commit()
+    with tarfile.open(tmp_path / "x.tar") as archive:
+        assert archive.getnames() == ["a.jpg", "a.json", "b.jpg", "b.json"]
+
+
 def test_every_writer_is_atomic_and_leaves_nothing_behind_on_failure(tmp_path, monkeypatch):
     import os
 

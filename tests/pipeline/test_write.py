@@ -468,7 +468,7 @@ def test_tar_sink_writes_what_tarfile_writes(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     sink = TarSink(tmp_path / "x.tar")
     for name, data in members:
-        sink._member(name, data)
+        sink._member(ustar_header(name, len(data)), data)
     sink.commit()
     assert (tmp_path / "x.tar").read_bytes() == ref.getvalue()
     with tarfile.open(tmp_path / "x.tar") as tar:
