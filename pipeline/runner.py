@@ -31,7 +31,7 @@ from pipeline.config import CrawlConfig, EmbedConfig, PipelineConfig
 from pipeline.layout import RunLayout, clear_temporaries, shard_of_key, token
 from pipeline.shardio import read_stats, write_stats, write_train_shard_list
 from pipeline.sources import input_digest, iter_shards
-from pipeline.stages.crawl import crawl_shard_steps, lost_samples
+from pipeline.stages.crawl import crawl_shard_steps, to_retry
 from pipeline.stages.dedup import run_dedup
 from pretrain.configtools import ConfigError, to_object
 
@@ -154,7 +154,7 @@ def _run_crawl(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
                 "input now gives (the input changed since): use a new output_dir, or "
                 "redo=[crawl] to crawl it all again"
             )
-        if done is not None and not (crawl.retry_failed and _to_retry(shard, done)):
+        if done is not None and not (crawl.retry_failed and to_retry(shard, done)):
             skipped += 1
             continue
         while len(tasks.running) >= running_limit or len(tasks.pending) >= in_flight_limit:
@@ -176,25 +176,6 @@ def _run_crawl(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous
         "shards_per_node": dict(progress.shards_per_node),
         "unfinished": bool(progress.failed_shards),
     }
-
-
-def _to_retry(shard, done: dict) -> bool:
-    """retry_failed: a finished shard is crawled again for its failures, or for successes its
-    tar no longer holds (those are fetched again, the rest copied from the old tar). A tar of
-    the size its stats recorded at commit is taken as it was, with one ``stat``: the
-    member-by-member check (headers + manifest keys) is for the others, and for shards
-    crawled before the size was recorded."""
-    if done["failures"] > 0:
-        return True
-    try:
-        if shard.tar.stat().st_size == done.get("tar_bytes"):
-            return False
-    except OSError:
-        pass  # gone: lost_samples counts it
-    lost = lost_samples(shard)
-    if lost:
-        log.warning("%s: %d successes missing from the tar; fetching them again", shard.tar, lost)
-    return lost > 0
 
 
 class _CrawlTasks:

@@ -201,6 +201,25 @@ def _take(finished: queue.SimpleQueue) -> tuple:
     return row_index, key, record, jpeg, None
 
 
+def to_retry(paths: CrawlShard, stats: dict) -> bool:
+    """retry_failed: a finished shard is crawled again for its failures, or for successes its
+    tar no longer holds (those are fetched again, the rest copied from the old tar). A tar of
+    the size its stats recorded at commit is taken as it was, with one ``stat``; the member
+    check of `lost_samples` is for the others, and for shards crawled before the size was
+    recorded."""
+    if stats["failures"] > 0:
+        return True
+    try:
+        if paths.tar.stat().st_size == stats.get("tar_bytes"):
+            return False
+    except FileNotFoundError:  # the tar is gone: lost_samples counts every success
+        log.warning("%s: missing", paths.tar)
+    lost = lost_samples(paths)
+    if lost:
+        log.warning("%s: %d successes missing from the tar; fetching them again", paths.tar, lost)
+    return lost > 0
+
+
 def lost_samples(paths: CrawlShard) -> int:
     """How many successes of a finished shard its tar no longer holds whole (its ``jpg`` and
     ``json`` members, each ending inside the file): a member gone, the tar cut short or
