@@ -32,6 +32,9 @@ class SSLModel(nn.Module):
             layerscale_init=m.layerscale_init,
             ffn_layer=m.ffn_layer,
             attn_backend=m.attn_backend,
+            embed_dim=m.embed_dim,
+            depth=m.depth,
+            num_heads=m.num_heads,
         )
         dim = self.backbone.embed_dim
         self.dino_head = DINOHead(dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers)

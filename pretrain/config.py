@@ -25,6 +25,11 @@ class ModelConfig:
     layerscale_init: float = 1e-5
     ffn_layer: str | None = None
     attn_backend: str = "auto"
+    # Width, depth and heads of the arch, overridden when > 0: for a custom size, or a thin
+    # copy of a recipe that keeps every other setting (the recipe tests use one).
+    embed_dim: int = 0
+    depth: int = 0
+    num_heads: int = 0
 
 
 @dataclass
@@ -53,7 +58,9 @@ class DataConfig:
 @dataclass
 class CropsConfig:
     global_crops_size: int = 224
-    local_crops_size: int = 96
+    # 98, not DINOv2's 96: crops must be a whole number of patches, and 96 is not for patch 14
+    # (DINOv2's own /14 recipes use 98 too).
+    local_crops_size: int = 98
     local_crops_number: int = 8
     global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
     local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
@@ -180,13 +187,34 @@ def validate(cfg: TrainConfig) -> None:
             "optim.scaling_rule must be sqrt_wrt_1024, linear_wrt_1024 or none",
         ),
         (
-            cfg.crops.global_crops_size % cfg.model.patch_size == 0,
-            "crops.global_crops_size must be a multiple of model.patch_size",
+            min(cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) >= 0,
+            "model.embed_dim, model.depth and model.num_heads must be >= 0 (0: the arch's)",
         ),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_crop_sizes(cfg)
+
+
+def check_crop_sizes(cfg: TrainConfig) -> None:
+    """Every crop the model sees must be a whole number of patches (the patch embedding has no
+    padding): one error naming each size that is not, with the nearest sizes that are."""
+    patch = cfg.model.patch_size
+    if patch <= 0:
+        raise ConfigError(f"model.patch_size must be > 0, got {patch}")
+    sizes = {"crops.global_crops_size": cfg.crops.global_crops_size}
+    if cfg.crops.local_crops_number > 0:
+        sizes["crops.local_crops_size"] = cfg.crops.local_crops_size
+    bad = []
+    for key, size in sizes.items():
+        if size <= 0 or size % patch:
+            below, above = max(patch, size - size % patch), size - size % patch + patch
+            bad.append(f"{key}={size} (try {below} or {above})")
+    if bad:
+        raise ConfigError(
+            f"crop sizes must be multiples of model.patch_size={patch}: {', '.join(bad)}"
+        )
 
 
 def load_train_config(path: str | None, overrides: Sequence[str] = ()) -> TrainConfig:

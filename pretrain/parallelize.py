@@ -67,6 +67,11 @@ def parallelize(
 ) -> nn.Module:
     """Shard an SSLModel in place with FSDP2 (and optionally checkpoint/compile its blocks)."""
     model.to(device)
+    policy = mixed_precision(cfg, device)
+    # Settle "auto" attention on the real device before compile: it probes xformers once there.
+    backend = model.backbone.resolve_attention(device, policy.param_dtype or torch.float32)
+    if train:
+        log.info("attention backend: %s", backend)
     blocks = model.backbone.blocks
     if cfg.activation_checkpointing and train:
         for i, block in enumerate(blocks):
@@ -76,7 +81,7 @@ def parallelize(
             block.compile()
     kwargs = {
         "mesh": mesh,
-        "mp_policy": mixed_precision(cfg, device),
+        "mp_policy": policy,
         "reshard_after_forward": cfg.reshard_after_forward,
     }
     for block in blocks:

@@ -49,18 +49,22 @@ def build_backbone(
     attn_backend: str = "auto",
     interpolate_offset: float | None = None,
     interpolate_antialias: bool | None = None,
+    embed_dim: int = 0,
+    depth: int = 0,
+    num_heads: int = 0,
 ) -> VisionTransformer:
     """interpolate_offset / interpolate_antialias default to DINOv2's released settings:
-    0.1 / False, or 0.0 / True for models with register tokens."""
+    0.1 / False, or 0.0 / True for models with register tokens. embed_dim, depth and num_heads
+    override the arch's size when > 0."""
     if name not in ARCHS:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(ARCHS)}")
     arch = ARCHS[name]
     return VisionTransformer(
         img_size=img_size,
         patch_size=patch_size,
-        embed_dim=arch["embed_dim"],
-        depth=arch["depth"],
-        num_heads=arch["num_heads"],
+        embed_dim=embed_dim or arch["embed_dim"],
+        depth=depth or arch["depth"],
+        num_heads=num_heads or arch["num_heads"],
         ffn_layer=ffn_layer or arch["ffn_layer"],
         layerscale_init=layerscale_init,
         drop_path_rate=drop_path_rate,

@@ -129,6 +129,12 @@ class VisionTransformer(nn.Module):
         resolved = resolve_attn_backend(backend)
         for block in self.blocks:
             block.attn.attn_backend = resolved
+            block.attn.resolved_backend = None
+
+    def resolve_attention(self, device: torch.device, dtype: torch.dtype) -> str:
+        """Settle every block's attention backend for `device` and compute `dtype` ("auto"
+        probes xformers there once); returns the backend. Call before torch.compile."""
+        return {block.attn.resolve(device, dtype) for block in self.blocks}.pop()
 
     def interpolate_pos_encoding(self, height: int, width: int) -> Tensor:
         """Position embeddings [1, 1 + N, D] for an image of height x width pixels."""

@@ -228,38 +228,10 @@ def test_dino_head_projects_onto_weight_normalised_prototypes():
         DINOHead(32, 10, nlayers=0)
 
 
-class _ReferenceBlockDiagonalMask:
-    def __init__(self, seqlens):
-        self.seqlens = list(seqlens)
-
-    @classmethod
-    def from_seqlens(cls, seqlens, device=None):
-        return cls(seqlens)
-
-
-class _ReferenceXformersOps:
-    """A dense stand-in for xformers (which has no CPU kernels): block-diagonal attention as an
-    explicit boolean mask, to check the packing and unpacking around the real kernel."""
-
-    class fmha:  # noqa: N801 - mirrors the xformers.ops.fmha namespace
-        BlockDiagonalMask = _ReferenceBlockDiagonalMask
-
-    @staticmethod
-    def memory_efficient_attention(q, k, v, attn_bias):
-        segment = torch.repeat_interleave(
-            torch.arange(len(attn_bias.seqlens)), torch.tensor(attn_bias.seqlens)
-        )
-        allowed = segment[:, None] == segment[None, :]  # [T, T]
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [1, H, T, Dh]
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed
-        ).transpose(1, 2)
-
-
-def test_packed_attention_unpacks_to_the_per_resolution_result(monkeypatch):
+def test_packed_attention_unpacks_to_the_per_resolution_result(monkeypatch, reference_xformers):
     from pretrain.layers import attention
 
-    monkeypatch.setattr(attention, "xformers_ops", lambda: _ReferenceXformersOps)
+    monkeypatch.setattr(attention, "xformers_ops", lambda: reference_xformers)
     attention._block_diagonal_mask.cache_clear()
     torch.manual_seed(0)
     attn = attention.Attention(64, 4, attn_backend="sdpa")
