@@ -19,7 +19,9 @@ body). Both resize to 256 keep_ratio on both cores. img2dataset runs in its own 
 dinoforge end to end through its CLI (Ray start-up included) at its defaults, its threads per
 task swept likewise. Each condition reports the best setting of each, then the ratio.
 Peak memory is the sampled RSS of each crawler's whole process tree (driver, workers, and for
-dinoforge Ray's own daemons).
+dinoforge Ray's own daemons). Every crawl run, each condition's best settings and the memory
+run are appended to `--jsonl` (default runs/bench/crawl.jsonl) as each ends, beside the
+run folder's results.json.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from _rows import RowWriter, add_jsonl_arg  # noqa: E402
 from crawl_memory import PeakRss  # noqa: E402
 
 from pipeline.simweb import build_web, save_web  # noqa: E402
@@ -152,7 +155,7 @@ RUNNERS = {"img2dataset": run_img2dataset, "dinoforge": run_dinoforge}
 
 
 def sweep(work: Path, urls: Path, settings: dict[str, list], repeats: int, log: list,
-          shard_size: int) -> dict:  # fmt: skip
+          shard_size: int, rows: RowWriter, condition: str) -> dict:  # fmt: skip
     """Every (crawler, threads) setting ``repeats`` times, crawlers alternating (A B B A ...)
     so drifting load hits both alike; the best setting of each by mean images/s."""
     pairs = [(name, t) for i in range(max(map(len, settings.values())))
@@ -168,6 +171,7 @@ def sweep(work: Path, urls: Path, settings: dict[str, list], repeats: int, log: 
             result |= {"crawler": name, "threads": threads, "repeat": r,
                        "images_per_s": result["successes"] / result["wall_s"],
                        "load_1min_after": os.getloadavg()[0]}  # fmt: skip
+            rows.write({"kind": "run", "condition": condition, **result})
             print(json.dumps(result), flush=True)
             log.append(result)
             rates.setdefault((name, threads), []).append(result["images_per_s"])
@@ -177,6 +181,7 @@ def sweep(work: Path, urls: Path, settings: dict[str, list], repeats: int, log: 
         top = max(mean, key=mean.get)
         best[name] = {"threads": top, "images_per_s": mean[top], "all": mean}
     best["speedup"] = best["dinoforge"]["images_per_s"] / best["img2dataset"]["images_per_s"]
+    rows.write({"kind": "best", "condition": condition, **best})
     return best
 
 
@@ -205,6 +210,7 @@ def main() -> int:
         help="both crawlers: small enough that every core gets shards",
     )
     parser.add_argument("--seed", type=int, default=0)
+    add_jsonl_arg(parser, "crawl")
     parser.add_argument("--slow-s", type=float, default=3.0,
                         help="the slow fault's delay; above 10 s it is a hanging host that both "
                              "crawlers time out on")  # fmt: skip
@@ -214,6 +220,7 @@ def main() -> int:
     work.mkdir(parents=True)
     ensure_img2dataset()
     results: dict = {"args": vars(args), "load_before": os.getloadavg(), "runs": []}
+    rows = RowWriter.from_args(args, "crawl")
 
     def save() -> None:
         (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -224,7 +231,7 @@ def main() -> int:
         try:
             urls = write_urls(work / f"urls-{row}.parquet", base, args.urls, args.unique)
             results[row] = sweep(work / row, urls, settings, args.repeats, results["runs"],
-                                 args.shard_size)  # fmt: skip
+                                 args.shard_size, rows, row)  # fmt: skip
             save()
         finally:
             server.kill()
@@ -236,7 +243,7 @@ def main() -> int:
                 small = write_urls(work / "urls-e2e.parquet", base, args.e2e_urls, args.unique)
                 picked = {"img2dataset": [32], "dinoforge": [None]}  # recommended / default
                 results["e2e"] = sweep(work / "e2e", small, picked, 2, results["runs"],
-                                       args.shard_size)  # fmt: skip
+                                       args.shard_size, rows, "e2e")  # fmt: skip
                 save()
             if args.memory_urls:
                 big = write_urls(work / "urls-big.parquet", base, args.memory_urls, args.unique)
@@ -245,6 +252,7 @@ def main() -> int:
                     "urls": args.memory_urls,
                     "images_per_s": large["successes"] / large["wall_s"],
                 }
+                rows.write({"kind": "memory", "condition": "close", **results["memory"]})
                 save()
         finally:
             server.kill()

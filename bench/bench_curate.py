@@ -12,6 +12,8 @@
     hash check, JSON with curation fields, atomic tar + done marker) against copying the same
     members with `tarfile` alone (extractfile + addfile, no check, no marker), same shuffled
     order, same shard size, warm page cache for both; alternating, best of `--rounds`.
+
+Each part's row is appended to `--jsonl` (default runs/bench/curate.jsonl) as it ends.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _rows import RowWriter, add_jsonl_arg
 from PIL import Image
 
 from pipeline.config import SemDedupConfig
@@ -141,8 +144,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    add_jsonl_arg(parser, "curate")
     args = parser.parse_args()
-    result = {"retrieval": bench_retrieval(args), "writing": bench_writing(args)}
+    rows = RowWriter.from_args(args, "curate")
+    retrieval = bench_retrieval(args)
+    rows.write({"part": "retrieval", "pool": args.pool, "seeds": args.seeds,
+                "per_seed": args.per_seed, "nprobe": args.nprobe, **retrieval})  # fmt: skip
+    writing = bench_writing(args)
+    rows.write({"part": "writing", "shard_size": args.shard_size, "rounds": args.rounds,
+                **writing})  # fmt: skip
+    result = {"retrieval": retrieval, "writing": writing}
     print(json.dumps(result, indent=2))
 
 

@@ -22,6 +22,8 @@ and peak memory. `peak RSS` is ru_maxrss, which counts the pages of the memory-m
 that were read (file cache, shared, reclaimable); `peak anon` samples the process's anonymous
 memory (RssAnon, every 20 ms): what the clustering itself holds. Both are compared with the
 embeddings' float32 size (N x D x 4 bytes).
+
+(a)'s and (b)'s rows are appended to `--jsonl` (default runs/bench/kmeans.jsonl) as each ends.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _rows import RowWriter, add_jsonl_arg
 
 PART_ROWS = 50_000
 
@@ -239,6 +242,7 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="use_gpu=True (when FAISS sees one)")
     p.add_argument("--data", default="", help="data folder (default: a temporary one)")
     p.add_argument("--seed", type=int, default=0)
+    add_jsonl_arg(p, "kmeans")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -255,10 +259,15 @@ def main() -> None:
             t = time.perf_counter()
             make_data(root, n, args.dim, args.centres, args.seed)
             print(f"data: {n:,} x {args.dim} float16 in {time.perf_counter() - t:.1f} s")
+        rows = RowWriter.from_args(args, "kmeans")
+        setting = {"iterations": args.iterations, "threads": args.threads, "seed": args.seed}
         a = run_worker(args, "a") if args.a_n else None
         if a:
+            rows.write({"part": "a", **setting, "repeats": args.repeats, **a})
             print(f"(a) done: bare {a['times']['bare']:.2f} s", flush=True)
         b = run_worker(args, "b") if args.b_n else None
+        if b:
+            rows.write({"part": "b", **setting, **b})
         report(a, b)
 
 

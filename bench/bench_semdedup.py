@@ -14,7 +14,9 @@ Each (index, size) runs `semantic_dedup` in a fresh subprocess: wall time, its s
 and the peak RSS of that process (ru_maxrss; the baseline after imports is shown too).
 Recall: of the undirected duplicate pairs (cosine > threshold among the k nearest) that flat
 finds at the same size, the share IVF / IMI find (goal >= 0.95); `planted`: the share of planted
-(source, copy) pairs above the threshold whose two rows end up in one component.
+(source, copy) pairs above the threshold whose two rows end up in one component. Each run's row
+(with its recall vs flat once flat has run at that size) is appended to `--jsonl` (default
+runs/bench/semdedup.jsonl) as it finishes.
 
 Cost estimate on the CPU: flat searches N^2 * D multiply-adds (200k: 15 T, ~10 min on 2 busy
 cores at ~40 GFLOP/s), hence flat's sizes are a separate flag and stop at 100k by default.
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _rows import RowWriter, add_jsonl_arg
 
 PART_ROWS = 50_000
 
@@ -189,6 +192,7 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="use_gpu=True (when FAISS sees one)")
     p.add_argument("--data", default="", help="data folder (default: a temporary one)")
     p.add_argument("--seed", type=int, default=0)
+    add_jsonl_arg(p, "semdedup")
     p.add_argument("--worker-n", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--worker-index", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -206,11 +210,17 @@ def main() -> None:
         print(
             f"data: {max(sizes + flat):,} x {args.dim} float16 in {time.perf_counter() - t:.1f} s"
         )
+        rows = RowWriter.from_args(args, "semdedup")
+        setting = {"dim": args.dim, "k": args.k, "threshold": args.threshold,
+                   "nprobe": args.nprobe, "pq_m": args.pq_m, "threads": args.threads,
+                   "gpu": args.gpu}  # fmt: skip
         results = []
         for n in sorted(set(sizes + flat)):
             for index in kinds:
                 if n in (flat if index == "flat" else sizes):
                     results.append(run_one(args, n, index))
+                    recall = pair_recall(Path(args.data), n, results[-1]["index"])
+                    rows.write({**setting, **results[-1], "recall_vs_flat": recall})
                     print(f"{index} {n:,}: {results[-1]['wall_s']:.1f} s", flush=True)
         report(args, results)
 

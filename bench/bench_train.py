@@ -2,7 +2,8 @@
 
 Each case runs the real job's parts (WebDataset loader on generated shards, FSDP2 student and
 teacher, DINO/iBOT/KoLeo losses, AdamW, EMA) under torchrun and times every phase; rank 0
-reports. The data share is the time the step waits for its batch.
+reports. The data share is the time the step waits for its batch. Each case's row is appended
+to `--jsonl` (default runs/bench/train.jsonl) the moment it finishes.
 
     python bench/bench_train.py                          # CPU: vit_test, vit_small x 1, 2 procs
     python bench/bench_train.py --device cuda --models vit_small,vit_base,vit_large \
@@ -19,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _rows import RowWriter, add_jsonl_arg
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -94,8 +97,10 @@ def worker(args: argparse.Namespace) -> None:
             totals[name] += dt
     if args.profile and rank == 0:
         profile_step(one_step, args.warmup + args.steps, device, Path(args.profile))
-    per_rank = torch.tensor([totals[p] for p in PHASES], dtype=torch.float64)
+    # on the device: NCCL reduces CUDA tensors only (gloo takes the CPU one as before)
+    per_rank = torch.tensor([totals[p] for p in PHASES], dtype=torch.float64, device=device)
     dist.all_reduce(per_rank, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+    per_rank = per_rank.cpu()
     if rank == 0:
         wall = float(per_rank.sum())
         c = cfg.crops
@@ -189,6 +194,7 @@ def main() -> None:
         "--profile",
         help="profile one extra step of each case: top operators to PROFILE-MODEL-NPROC.txt",
     )
+    add_jsonl_arg(p, "train")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     if args.worker:
@@ -197,13 +203,23 @@ def main() -> None:
     from pretrain.data.synthetic import write_shapes_shards
 
     load = os.getloadavg()
+    rows = RowWriter.from_args(args, "train")
+    # what a row's figures were measured at, beside the worker's own keys
+    setting = {"global_size": args.global_size, "local_size": args.local_size,
+               "local_crops": args.local_crops, "precision": args.precision, "attn": args.attn,
+               "steps": args.steps, "warmup": args.warmup, "workers": args.workers}  # fmt: skip
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         size = max(64, args.global_size + args.global_size // 4)
         write_shapes_shards(Path(tmp) / "shards", args.images, per_shard=128, size=size)
         for model in args.models.split(","):
             for nproc in (int(n) for n in args.nprocs.split(",")):
-                results.append(run_case(args, model, nproc, str(Path(tmp) / "shards"), tmp))
+                try:
+                    results.append(run_case(args, model, nproc, str(Path(tmp) / "shards"), tmp))
+                except RuntimeError as e:
+                    rows.write({"model": model, "nproc": nproc, **setting, "error": str(e)[-2000:]})
+                    raise
+                rows.write({**results[-1], **setting})
                 print(json.dumps(results[-1]), flush=True)
     print(f"\nload average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
           f"after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip

@@ -10,6 +10,8 @@ only), and timm's VisionTransformer of the same dimensions (fused SDPA attention
 dynamic_img_size) run once per resolution. Every measurement runs in its own subprocess so that
 peak memory (CPU: RSS high-water mark; CUDA: max allocated) is comparable; rounds alternate
 between variants (A B, then B A) so machine load hits them alike, and the median round is reported.
+Every measurement and each model's summary is appended to `--jsonl` (default
+runs/bench/vit.jsonl) as soon as it exists; `--out` gets the whole report at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import time
 
 import torch
+from _rows import RowWriter, add_jsonl_arg
 
 ARCH_DIMS = {"vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16)}
 
@@ -145,6 +148,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", help="also write the JSON report to this file")
+    add_jsonl_arg(parser, "vit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -157,14 +161,20 @@ def main() -> None:
     variants = ["dinoforge-sdpa", "timm"] + (
         ["dinoforge-xformers"] if args.device == "cuda" else []
     )
-    config = {k: v for k, v in vars(args).items() if not k.startswith("worker") and k != "out"}
+    config = {k: v for k, v in vars(args).items()
+              if not k.startswith("worker") and k not in ("out", "jsonl")}  # fmt: skip
     report = {"config": config, "load_before": os.getloadavg(), "results": {}}
+    rows = RowWriter.from_args(args, "vit")
+    shared = {k: config[k] for k in ("device", "dtype", "batch", "n_local", "global_size",
+                                     "local_size", "iters", "warmup", "threads")}  # fmt: skip
     for model_name in args.model:
         rounds = {v: [] for v in variants}
         for index in range(args.rounds):
             # interleaved and order-alternating (A B, B A, ...) so a load trend favours no one
             for variant in variants if index % 2 == 0 else variants[::-1]:
                 rounds[variant].append(run_variant(args, variant, model_name))
+                rows.write({"kind": "round", "model": model_name, "variant": variant,
+                            "round": index, **shared, **rounds[variant][-1]})  # fmt: skip
                 print(f"{model_name} {variant}: {rounds[variant][-1]}", file=sys.stderr, flush=True)
         results = {v: summarise(r) for v, r in rounds.items()}
         if "error" not in results["timm"] and "error" not in results["dinoforge-sdpa"]:
@@ -174,6 +184,7 @@ def main() -> None:
                 "peak_mem": round(ours["peak_mem_mib"] / peer["peak_mem_mib"], 3),
             }
         report["results"][model_name] = results
+        rows.write({"kind": "summary", "model": model_name, **shared, "results": results})
     report["load_after"] = os.getloadavg()
     text = json.dumps(report, indent=2)
     print(text)

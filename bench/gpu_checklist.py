@@ -27,7 +27,10 @@ running long) leaves the others' figures:
 
 Every step's log goes to OUT/NN-step.log, its JSON report (where it prints one) into
 OUT/summary.json, which is printed at the end. Steps whose timeout no longer fits in
-`--budget-s` are skipped and say so.
+`--budget-s` are skipped and say so. The benches among the steps append their rows to
+OUT/<step>.jsonl as they measure them, so a step cut off by its timeout still brings back what
+it had; those rows go into its summary entry (`rows`), and each step's entry is appended to
+`--jsonl` (default OUT/summary.jsonl) the moment the step ends.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+# the row helper sits beside this file; the tests import this module by path, not as a script
+sys.path.insert(0, str(REPO / "bench"))
+
+from _rows import RowWriter, add_jsonl_arg, read_rows  # noqa: E402
+
+BENCH_STEPS = ("vit", "train-vitb", "train-vitl", "embed")  # the steps that write OUT/<step>.jsonl
 
 
 def steps(out: Path, smoke: bool) -> list[tuple[str, list[str], int]]:
@@ -85,7 +94,7 @@ def steps(out: Path, smoke: bool) -> list[tuple[str, list[str], int]]:
         embed = [PY, str(bench / "bench_embed.py"), *dev, "--model", "vit_large", "--images",
                  "4096", "--shard-size", "1024", "--batch", "256", "--decode-threads", "12",
                  "--rounds", "2"]  # fmt: skip
-    return [
+    listed = [
         ("env", env, 60),
         ("attention", attention, 150),
         ("vit", vit, 150),
@@ -93,6 +102,12 @@ def steps(out: Path, smoke: bool) -> list[tuple[str, list[str], int]]:
         ("train-vitl", train_l, 150),
         ("embed", embed, 120),
     ]
+    return [(name, [*cmd, "--jsonl", str(step_rows(out, name))] if name in BENCH_STEPS else cmd,
+             timeout) for name, cmd, timeout in listed]  # fmt: skip
+
+
+def step_rows(out: Path, name: str) -> Path:
+    return out / f"{name}.jsonl"
 
 
 def last_json(text: str):
@@ -139,9 +154,11 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes: check the steps run")
     parser.add_argument("--only", help="comma-separated step names")
     parser.add_argument("--budget-s", type=int, default=540, help="skip steps that no longer fit")
+    add_jsonl_arg(parser, "gpu_checklist", shown="OUT/summary.jsonl")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rows = RowWriter(args.jsonl or out / "summary.jsonl", "gpu_checklist")
     wanted = set(args.only.split(",")) if args.only else None
     summary: dict = {"smoke": args.smoke, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                      "load_before": os.getloadavg(), "steps": {}}  # fmt: skip
@@ -154,9 +171,15 @@ def main() -> int:
             summary["steps"][name] = {
                 "skipped": f"needs up to {timeout} s, {left:.0f} s of the budget left"
             }
+            rows.write({"step": name, "smoke": args.smoke, **summary["steps"][name]})
             continue
+        # this call's rows only: an OUT reused from an earlier call holds that call's rows
+        step_rows(out, name).unlink(missing_ok=True)
         result = run_step(name, cmd, timeout, out / f"{index:02d}-{name}.log")
+        if step_rows(out, name).is_file():
+            result["rows"] = read_rows(step_rows(out, name))
         summary["steps"][name] = result
+        rows.write({"step": name, "smoke": args.smoke, **result})
         print(
             f"[{time.monotonic() - t0:6.1f} s] {name}: rc {result['rc']}, {result['wall_s']} s",
             flush=True,

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +23,32 @@ from pretrain.configtools import atomic_write_text
 
 log = logging.getLogger("pretrain.train")
 
-# bf16 dense (no sparsity) peak per device, for MFU: NVIDIA's H100/H200 SXM, A100 and L40S
-# datasheets.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+# bf16 dense (no sparsity) tensor-core peak per device, for MFU, as (chip, form factor, TFLOP/s):
+# a device name matches when it holds the chip as a word and, where one is given, the form
+# factor too (case-insensitive). One chip comes in parts of different clocks and power, so the
+# name has to tell them apart; the first match wins: each chip's specific parts come before its
+# general entry, and a name that says too little (an H100 of no stated form factor) gets no peak
+# rather than a wrong one. Figures: NVIDIA's datasheets. The Hopper ones print BF16 with
+# sparsity only, dense being half of it (rounded down): H100 SXM 1,979 / PCIe 1,513 / NVL 1,671
+# per GPU (H100 Tensor Core GPU datasheet), H200 SXM 1,979 / NVL 1,671 (H200 datasheet), GH200
+# 1,979 (GH200 Grace Hopper Superchip datasheet); the A100 (SXM and PCIe, 80GB and 40GB)
+# and L40S datasheets print the dense figure itself: 312 and 362.05.
+# Names as torch.cuda.get_device_name() reports them: "NVIDIA H100 80GB HBM3" (the SXM5 part),
+# "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA GH200 480GB",
+# "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "NVIDIA L40S". Parts not listed here: set
+# DINOFORGE_PEAK_TFLOPS.
+PEAK_TFLOPS: tuple[tuple[str, str | None, float], ...] = (
+    ("GH200", None, 989.0),
+    ("H200", "NVL", 835.0),
+    ("H200", None, 989.0),  # the SXM part reports as plain "NVIDIA H200"
+    ("H100", "NVL", 835.0),
+    ("H100", "PCIe", 756.0),
+    ("H100", "HBM3", 989.0),  # SXM5: "NVIDIA H100 80GB HBM3"; PCIe and NVL name themselves
+    ("H100", "SXM5", 989.0),
+    ("A100", None, 312.0),  # SXM4 and PCIe alike
+    ("L40S", None, 362.0),
+)
+PEAK_ENV = "DINOFORGE_PEAK_TFLOPS"  # bf16 dense TFLOP/s of this machine's device; beats the table
 
 
 def setup_logging(rank: int) -> None:
@@ -48,14 +75,34 @@ def train_flops_per_image(
     return 3 * (2 * g + n_local * loc) + 2 * g
 
 
-def device_peak_flops() -> float | None:
+def peak_tflops(device_name: str) -> float | None:
+    """bf16 dense peak TFLOP/s of the device `torch.cuda.get_device_name()` calls `device_name`,
+    from PEAK_TFLOPS; None for a part it does not know (no MFU is then reported)."""
+    # words, so that "H200" is not found inside "GH200" nor "A100" inside "A1000"
+    words = re.split(r"[^A-Z0-9]+", device_name.upper())
+    for chip, form, tflops in PEAK_TFLOPS:
+        if chip in words and (form is None or form.upper() in words):
+            return tflops
+    return None
+
+
+def device_peak_flops(env: Mapping[str, str] | None = None) -> float | None:
+    """This machine's device peak in FLOP/s: DINOFORGE_PEAK_TFLOPS where set, else the table's
+    figure for the current CUDA device; None without CUDA or for an unknown part."""
+    env = os.environ if env is None else env
+    override = env.get(PEAK_ENV, "").strip()
+    if override:
+        try:
+            tflops = float(override)
+        except ValueError:
+            tflops = 0.0
+        if not (math.isfinite(tflops) and tflops > 0):  # a typo ignored: no MFU, or a wrong one
+            raise ValueError(f"{PEAK_ENV} must be a positive number of TFLOP/s, got {override!r}")
+        return tflops * 1e12
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    tflops = peak_tflops(torch.cuda.get_device_name())
+    return None if tflops is None else tflops * 1e12
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:

@@ -43,6 +43,29 @@ def test_budget_skips_what_no_longer_fits_and_env_reports_versions(tmp_path):
     assert env["rc"] == 0 and env["report"]["torch"] == torch.__version__
     assert "needs up to 120 s" in summary["steps"]["embed"]["skipped"]
     assert (tmp_path / "00-env.log").read_text().startswith("$ ")
+    # the same entries, one row per step as each ended, skipped ones included
+    rows = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == ["env", "embed"]
+    assert rows[0]["report"] == env["report"] and rows[0]["bench"] == "gpu_checklist"
+    assert rows[1]["skipped"] == summary["steps"]["embed"]["skipped"]
+
+
+def test_a_bench_step_brings_back_its_rows_and_a_reused_out_holds_only_this_calls(tmp_path):
+    g = _module()
+    (tmp_path / "vit.jsonl").write_text('{"kind": "round", "stale": true}\n')  # an earlier call
+    argv = sys.argv
+    sys.argv = [str(BENCH), "--smoke", "--out", str(tmp_path), "--only", "vit"]
+    try:
+        assert g.main() == 0
+    finally:
+        sys.argv = argv
+    vit = json.loads((tmp_path / "summary.json").read_text())["steps"]["vit"]
+    kinds = [r["kind"] for r in vit["rows"]]
+    assert kinds == ["round", "round", "summary"] and not any("stale" in r for r in vit["rows"])
+    assert {r["variant"] for r in vit["rows"][:2]} == {"dinoforge-sdpa", "timm"}
+    assert vit["rows"][2]["results"] == vit["report"]["results"]["vit_small"]
+    (row,) = [json.loads(line) for line in (tmp_path / "summary.jsonl").read_text().splitlines()]
+    assert row["step"] == "vit" and row["rows"] == vit["rows"]
 
 
 def test_a_step_past_its_timeout_is_killed_with_its_children_and_keeps_its_output(tmp_path):
