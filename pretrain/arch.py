@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from pretrain.config import TrainConfig
@@ -153,9 +154,20 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _reshard(model: nn.Module) -> None:
+    """Register FSDP2's sharded parameters again (a no-op where they already are). After a
+    forward with `reshard_after_forward=False` and no backward since, a module still holds the
+    unsharded copies: writing them would not reach the sharded weights."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 @torch.no_grad()
 def update_teacher(student: SSLModel, teacher: SSLModel, momentum: float) -> None:
     """teacher = m * teacher + (1 - m) * student, on each rank's local shards."""
+    _reshard(student)
+    _reshard(teacher)
     s_params = [_local(p) for p in student.parameters()]
     t_params = [_local(p) for p in teacher.parameters()]
     if len(s_params) != len(t_params):

@@ -2,7 +2,7 @@
 
 Order as in torchtitan: checkpoint-wrap blocks, then compile blocks, then `fully_shard` each
 block, each head, then the root. Applied to student and teacher alike (teacher without
-activation checkpointing: it runs without gradients).
+activation checkpointing: it runs without gradients, and always resharded after its forward).
 """
 
 from __future__ import annotations
@@ -79,10 +79,16 @@ def parallelize(
     if cfg.compile:
         for block in blocks:
             block.compile()
+    # `reshard_after_forward=False` keeps the unsharded parameters registered until the
+    # backward reshards them. The teacher has no backward: it would stay unsharded for good,
+    # holding a full copy through the student's step, and `update_teacher` would write those
+    # copies instead of the sharded weights (a shape error on 2+ ranks; on 1, the sharded
+    # weights stayed the initial teacher's). Its next forward must all-gather anyway: the EMA
+    # changed every shard.
     kwargs = {
         "mesh": mesh,
         "mp_policy": policy,
-        "reshard_after_forward": cfg.reshard_after_forward,
+        "reshard_after_forward": cfg.reshard_after_forward if train else True,
     }
     for block in blocks:
         fully_shard(block, **kwargs)

@@ -14,6 +14,7 @@ from pretrain.eval.features import backbone_for_eval, extract_features
 from pretrain.eval.knn import knn_accuracy
 from pretrain.eval.labelled import labels_in, load_labelled
 from pretrain.eval.linear import linear_probe
+from pretrain.eval.shutdown import leave, release
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,4 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        release()
+    # The result is written and what this process started is released: end it here rather than
+    # in the interpreter's teardown, which once kept it alive past 60 s (see shutdown.py).
+    leave(0)
