@@ -46,7 +46,9 @@ def worker(args: argparse.Namespace) -> None:
 
     from pretrain import arch, optim
     from pretrain.config import load_train_config
+    from pretrain.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
     from pretrain.data.loader import build_pretrain_loader
+    from pretrain.data.photometric import batch_to_device
     from pretrain.logging_utils import device_peak_flops, train_flops_per_image
     from pretrain.parallelize import build_mesh, init_distributed, parallelize
 
@@ -60,7 +62,10 @@ def worker(args: argparse.Namespace) -> None:
     parallelize(teacher, cfg.dist, device, mesh, train=False)
     opt = optim.build_optimizer(student, cfg.optim, student.backbone.n_blocks)
     sched = optim.Schedules(cfg.optim, cfg.train, cfg.data.batch_size_per_rank * world)
-    batches = iter(build_pretrain_loader(cfg, rank=rank, world_size=world, start_batch=0)[0])
+    loader = build_pretrain_loader(
+        cfg, rank=rank, world_size=world, start_batch=0, device_type=device.type
+    )[0]
+    batches = iter(loader)
     params = [p for p in student.parameters() if p.requires_grad]
 
     def mark() -> float:
@@ -70,7 +75,7 @@ def worker(args: argparse.Namespace) -> None:
 
     def one_step(step: int) -> tuple[float, ...]:
         t0 = mark()
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+        batch = batch_to_device(next(batches), device, IMAGENET_MEAN, IMAGENET_STD)
         t1 = mark()
         values = sched.at(step)
         optim.apply_step_values(opt, values)

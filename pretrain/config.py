@@ -71,6 +71,11 @@ class CropsConfig:
     color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
     color_jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
+    # Where colour jitter, grayscale, blur and solarize run: "loader" (CPU workers, per crop),
+    # "device" (batched on the training device; the loader only crops, flips and draws the
+    # parameters: several times more images per loader core), or "auto" (device on CUDA,
+    # loader otherwise). Either way the loader hands over uint8 crops, normalised on the device.
+    photometric: str = "auto"
 
 
 @dataclass
@@ -122,7 +127,7 @@ class DistConfig:
     mixed_precision: str = "auto"  # auto: bf16 params + fp32 reduce on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile per block
     activation_checkpointing: bool = False
-    reshard_after_forward: bool = True
+    reshard_after_forward: bool = True  # the student's; the teacher always reshards (no backward)
 
 
 @dataclass
@@ -185,6 +190,10 @@ def validate(cfg: TrainConfig) -> None:
         (
             cfg.optim.scaling_rule in ("sqrt_wrt_1024", "linear_wrt_1024", "none"),
             "optim.scaling_rule must be sqrt_wrt_1024, linear_wrt_1024 or none",
+        ),
+        (
+            cfg.crops.photometric in ("auto", "loader", "device"),
+            "crops.photometric must be auto, loader or device",
         ),
         (
             min(cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads) >= 0,

@@ -13,13 +13,9 @@ from torch.utils.data import DataLoader
 from pretrain import arch, checkpoint, optim
 from pretrain.arch import SSLModel
 from pretrain.config import TrainConfig
+from pretrain.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
+from pretrain.data.photometric import batch_to_device
 from pretrain.logging_utils import MetricsLogger
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {
-        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
-    }
 
 
 def _reduced(
@@ -63,7 +59,7 @@ def run_steps(
     stream_stats: dict[int, dict[str, int]] = {}  # latest running totals per loader stream
     params = [p for p in student.parameters() if p.requires_grad]
     for step in range(start, end):
-        batch = _to_device(next(batches), device)
+        batch = batch_to_device(next(batches), device, IMAGENET_MEAN, IMAGENET_STD)
         stream_stats[batch["stream"]] = batch["stream_stats"]
         values = schedules.at(step)
         optim.apply_step_values(optimizer, values)

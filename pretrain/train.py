@@ -69,7 +69,9 @@ def train(cfg: TrainConfig) -> None:
         start = meta["step"]
         log.info("resumed from %s at step %d", latest, start)
     meta = {"model": signature, "batch_size_per_rank": cfg.data.batch_size_per_rank}
-    loader, n_shards = build_pretrain_loader(cfg, rank=rank, world_size=world, start_batch=start)
+    loader, n_shards = build_pretrain_loader(
+        cfg, rank=rank, world_size=world, start_batch=start, device_type=device.type
+    )
     log.info(
         "%d shards, %d ranks, global batch %d",
         n_shards,

@@ -6,6 +6,11 @@ probability blur_probs = (global crop 1, global crop 2, local crops) = (1.0, 0.1
 values DINOv2 intends (its public code passes 1 - p to the blur, inverting them), and solarize on
 global crop 2 only; then ImageNet normalisation. Randomness comes from torch's generator, so
 `torch.manual_seed` (or the `seed` argument) makes the output reproducible.
+
+`output` says where the work stops: "normalized" (float32 crops, everything done here),
+"uint8" (every random step done here, normalisation left to the training device: a quarter of
+the bytes to pin and copy), or "geometric" (crop and flip only, plus each crop's photometric
+parameters drawn here, for `pretrain.data.photometric.apply_photometric` on the device).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 
+from pretrain.data.photometric import draw_params
+
+OUTPUTS = ("normalized", "uint8", "geometric")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -47,7 +55,10 @@ class DataAugmentationDINO:
         grayscale_prob: float = 0.2,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        output: str = "normalized",
     ) -> None:
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if len(blur_probs) != 3:
             raise ValueError(
                 f"blur_probs needs 3 values (global 1, global 2, local), got {blur_probs}"
@@ -93,8 +104,28 @@ class DataAugmentationDINO:
                 v2.RandomGrayscale(p=_probability(grayscale_prob, "grayscale_prob")),
             ]
         )
-        normalize = v2.Compose(
-            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+        normalize = (
+            v2.Compose(
+                [
+                    v2.ToDtype(torch.float32, scale=True),
+                    v2.Normalize(mean=list(mean), std=list(std)),
+                ]
+            )
+            if output == "normalized"
+            else v2.Identity()
+        )
+        self.output = output
+        jitter = dict(
+            color_jitter=(brightness, contrast, saturation, hue),
+            color_jitter_prob=_probability(color_jitter_prob, "color_jitter_prob"),
+            grayscale_prob=_probability(grayscale_prob, "grayscale_prob"),
+        )
+        solarize = _probability(solarize_prob, "solarize_prob")
+        # Per crop kind (global 1, global 2, local): what `draw_params` needs.
+        self.param_settings = (
+            dict(jitter, blur_prob=blur_global1, solarize_prob=0.0),
+            dict(jitter, blur_prob=blur_global2, solarize_prob=solarize),
+            dict(jitter, blur_prob=blur_local, solarize_prob=0.0),
         )
         self.to_uint8 = v2.Compose([v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)])
         self.global_crop = crop_and_flip(global_crops_size, global_crops_scale)
@@ -126,6 +157,8 @@ class DataAugmentationDINO:
         pixels = self.to_uint8(image)  # [3, H, W] uint8: blur/solarize act on 0-255 values
         if pixels.ndim != 3 or pixels.shape[0] != 3:
             raise ValueError(f"expected an RGB image, got a tensor of shape {tuple(pixels.shape)}")
+        if self.output == "geometric":
+            return self._geometric_crops(pixels)
         global_crops = [
             self.global_transform_1(self.global_crop(pixels)),
             self.global_transform_2(self.global_crop(pixels)),
@@ -134,3 +167,19 @@ class DataAugmentationDINO:
             self.local_transform(self.local_crop(pixels)) for _ in range(self.local_crops_number)
         ]
         return {"global_crops": global_crops, "local_crops": local_crops}
+
+    def _geometric_crops(self, pixels: Tensor) -> dict[str, list[Tensor]]:
+        """uint8 crops after crop + flip, each with its photometric parameters drawn now."""
+        g1, g2, local = self.param_settings
+        global_crops = [self.global_crop(pixels), self.global_crop(pixels)]
+        global_params = [draw_params(**g1), draw_params(**g2)]
+        local_crops, local_params = [], []
+        for _ in range(self.local_crops_number):
+            local_crops.append(self.local_crop(pixels))
+            local_params.append(draw_params(**local))
+        return {
+            "global_crops": [c.as_subclass(Tensor) for c in global_crops],
+            "local_crops": [c.as_subclass(Tensor) for c in local_crops],
+            "global_params": global_params,
+            "local_params": local_params,
+        }

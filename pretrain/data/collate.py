@@ -49,12 +49,14 @@ def collate_data_and_cast(
     mask_probability: float = 0.5,
     n_tokens: int,
     mask_generator: MaskingGenerator,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> dict:
     """Returns collated_global_crops [2B, 3, H, W] and collated_local_crops [n_local*B, 3, h, w]
     (crop-major), collated_masks bool [2B, N], mask_indices_list long [M] (flat indices of the
     masked tokens), masks_weight [M] (1 / masked tokens of each row's image), n_masked_patches
-    long [1] and upperbound (a fixed bound on M for padding)."""
+    long [1] and upperbound (a fixed bound on M for padding). Crops keep their dtype (uint8
+    crops are normalised on the training device) unless `dtype` is given; samples carrying
+    photometric parameters add global_params [2B, P] and local_params [n_local*B, P]."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
     samples = [s[0] if isinstance(s, (tuple, list)) else s for s in samples]
@@ -74,9 +76,16 @@ def collate_data_and_cast(
     mask_indices = masks.flatten().nonzero().flatten()
     per_image_count = masks.sum(dim=-1, keepdim=True).clamp(min=1)  # [2B, 1]
     masks_weight = (1.0 / per_image_count).expand_as(masks)[masks]  # [M]
+    params = {}
+    if "global_params" in samples[0]:
+        params = {
+            "global_params": _crop_major(samples, "global_params"),
+            "local_params": _crop_major(samples, "local_params"),
+        }
     return {
-        "collated_global_crops": global_crops.to(dtype),
-        "collated_local_crops": local_crops.to(dtype),
+        "collated_global_crops": global_crops if dtype is None else global_crops.to(dtype),
+        "collated_local_crops": local_crops if dtype is None else local_crops.to(dtype),
+        **params,
         "collated_masks": masks,
         "mask_indices_list": mask_indices,
         "masks_weight": masks_weight.float(),

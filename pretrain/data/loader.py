@@ -294,12 +294,14 @@ class ShardStream(IterableDataset):
                 yield next(stream)
 
 
-def build_loader(dataset: ShardStream, num_workers: int) -> DataLoader:
-    """Batches come ready from the dataset; workers are the dataset's virtual streams."""
+def build_loader(dataset: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Batches come ready from the dataset; workers are the dataset's virtual streams. Pinned
+    batches (for CUDA) copy to the device asynchronously."""
     return DataLoader(
         dataset,
         batch_size=None,
         num_workers=num_workers,
+        pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=2 if num_workers > 0 else None,
         # Own generator: creating the iterator must not draw from the training RNG.
@@ -307,14 +309,22 @@ def build_loader(dataset: ShardStream, num_workers: int) -> DataLoader:
     )
 
 
-def build_transforms(cfg: Any) -> tuple[Callable, Callable]:
-    """(multi-crop augmentation of one image, batch collate with iBOT masks) for a TrainConfig."""
+def photometric_on_device(cfg: Any, device_type: str) -> bool:
+    """Whether `crops.photometric` puts the photometric augmentation on the training device."""
+    mode = cfg.crops.photometric
+    return mode == "device" or (mode == "auto" and device_type == "cuda")
+
+
+def build_transforms(cfg: Any, output: str = "normalized") -> tuple[Callable, Callable]:
+    """(multi-crop augmentation of one image, batch collate with iBOT masks) for a TrainConfig;
+    `output` as in DataAugmentationDINO ("uint8" and "geometric" leave work to the device)."""
     from functools import partial
 
     from pretrain.data import DataAugmentationDINO, MaskingGenerator, collate_data_and_cast
 
     crops, loss = cfg.crops, cfg.loss
     augment = DataAugmentationDINO(
+        output=output,
         global_crops_scale=tuple(crops.global_crops_scale),
         local_crops_scale=tuple(crops.local_crops_scale),
         local_crops_number=crops.local_crops_number,
@@ -338,14 +348,15 @@ def build_transforms(cfg: Any) -> tuple[Callable, Callable]:
 
 
 def build_pretrain_loader(
-    cfg: Any, *, rank: int, world_size: int, start_batch: int
+    cfg: Any, *, rank: int, world_size: int, start_batch: int, device_type: str = "cpu"
 ) -> tuple[DataLoader, int]:
-    """Multi-crop + masking batches for this rank from `cfg.data.shards` (a TrainConfig).
-
-    Returns the loader and the number of shards found.
+    """Multi-crop + masking batches of uint8 crops for this rank from `cfg.data.shards` (a
+    TrainConfig), for a step on `device_type`; `pretrain.data.photometric.batch_to_device`
+    finishes them there. Returns the loader and the number of shards found.
     """
     shards = resolve_shards(cfg.data.shards)
-    augment, collate = build_transforms(cfg)
+    on_device = photometric_on_device(cfg, device_type)
+    augment, collate = build_transforms(cfg, output="geometric" if on_device else "uint8")
     dataset = ShardStream(
         shards,
         sample_transform=augment,
@@ -360,4 +371,5 @@ def build_pretrain_loader(
         reseed_every=cfg.data.reseed_every,
         image_keys=image_keys(cfg.data.image_key),
     )
-    return build_loader(dataset, cfg.data.num_workers), len(shards)
+    loader = build_loader(dataset, cfg.data.num_workers, pin_memory=device_type == "cuda")
+    return loader, len(shards)

@@ -32,14 +32,16 @@ class IBOTPatchLoss(nn.Module):
         n_masked_patches: Tensor | int,
         n_iterations: int = 3,
     ) -> Tensor:
-        """n_masked_patches: this rank's count of real masked rows (a [1] tensor from collate).
+        """n_masked_patches: this rank's count of real masked rows (an int, or the [1] tensor
+        from collate, kept on the host: reading a device tensor here would stall the step).
         Rows past it (padding up to a fixed upper bound) are ignored and returned as zeros."""
         count = int(torch.as_tensor(n_masked_patches).reshape(-1)[0])
         if not 0 <= count <= teacher_patch_logits.shape[0]:
             raise ValueError(
                 f"n_masked_patches={count} outside [0, {teacher_patch_logits.shape[0]}]"
             )
-        global_count = all_reduce_(torch.tensor(float(count), device=teacher_patch_logits.device))
+        # torch.full fills on the device: no host-to-device copy, so no wait for the stream.
+        global_count = all_reduce_(torch.full((), float(count), device=teacher_patch_logits.device))
         probs = torch.zeros_like(teacher_patch_logits, dtype=torch.float32)
         probs[:count] = sinkhorn_knopp(
             teacher_patch_logits[:count], teacher_temp, global_count, n_iterations
@@ -50,13 +52,14 @@ class IBOTPatchLoss(nn.Module):
     def update_center(self, teacher_patch_logits: Tensor) -> None:
         """EMA of the mean teacher patch logits over the masked tokens of every rank."""
         batch_sum = teacher_patch_logits.float().sum(dim=0, keepdim=True)
-        count = torch.tensor(float(teacher_patch_logits.shape[0]), device=batch_sum.device)
+        count = torch.full((), float(teacher_patch_logits.shape[0]), device=batch_sum.device)
         all_reduce_(batch_sum)
         all_reduce_(count)
-        if count.item() == 0:
-            return
-        batch_center = batch_sum / count
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        # No masked token on any rank: the center stays. Chosen on the device (torch.where),
+        # not by reading the count back, which would make the host wait for the GPU every step.
+        batch_center = batch_sum / count.clamp(min=1.0)
+        updated = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        self.center.copy_(torch.where(count > 0, updated, self.center))
 
     def forward_masked(
         self,

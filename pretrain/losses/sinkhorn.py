@@ -25,7 +25,9 @@ def sinkhorn_knopp(
     all_reduce_(global_max, op=dist.ReduceOp.MAX)
     q = torch.exp(logits - global_max).t()  # [K, B]: prototypes x samples
     n_prototypes = q.shape[0]
-    total = torch.as_tensor(global_batch, dtype=q.dtype, device=q.device)
+    # A Python number divides as a scalar; a tensor is used where it is. Building a device
+    # tensor from a number would copy from the host and wait for the stream.
+    total = global_batch.to(q.dtype) if torch.is_tensor(global_batch) else float(global_batch)
 
     # A prototype whose exp() underflowed everywhere has a zero sum: clamping keeps it at zero
     # instead of dividing 0 by 0.

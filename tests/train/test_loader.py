@@ -246,3 +246,43 @@ def test_decode_refuses_bombs_and_formats_a_sample_may_not_hold():
         decode_image(bomb)
     with pytest.raises(OSError):  # Pillow reads GIF, but a training sample is JPEG/PNG/WebP
         decode_image(encoded(Image.new("RGB", (9, 7)), "GIF"))
+
+
+def _first_batches(cfg, device_type: str, n: int) -> list[dict]:
+    loader, _ = build_pretrain_loader(
+        cfg, rank=0, world_size=1, start_batch=0, device_type=device_type
+    )
+    batches = iter(loader)
+    return [next(batches) for _ in range(n)]
+
+
+def test_loader_hands_over_uint8_crops_and_the_device_part_when_asked(shard_dir, helpers):
+    from pretrain.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
+    from pretrain.data.photometric import N_PARAMS, batch_to_device
+
+    base = [f"data.shards={shard_dir}/shapes-*.tar", "data.num_workers=0"]
+    on_loader = load_train_config(str(helpers.config), [*base, "crops.photometric=auto"])
+    on_device = load_train_config(str(helpers.config), [*base, "crops.photometric=device"])
+    b, n_local = on_loader.data.batch_size_per_rank, on_loader.crops.local_crops_number
+    plain = _first_batches(on_loader, "cpu", 2)  # auto on a CPU: the loader does it all
+    deferred = _first_batches(on_device, "cpu", 2)
+    again = _first_batches(on_device, "cpu", 2)
+    for batch in plain:
+        assert batch["collated_global_crops"].dtype == torch.uint8 and "global_params" not in batch
+    for batch, same in zip(deferred, again):  # the drawn parameters are part of the exact stream
+        assert batch["collated_global_crops"].dtype == torch.uint8
+        assert batch["global_params"].shape == (2 * b, N_PARAMS)
+        assert batch["local_params"].shape == (n_local * b, N_PARAMS)
+        assert torch.equal(batch["global_params"], same["global_params"])
+        assert torch.equal(batch["collated_local_crops"], same["collated_local_crops"])
+        ready = batch_to_device(batch, torch.device("cpu"), IMAGENET_MEAN, IMAGENET_STD)
+        size = on_device.crops.global_crops_size
+        assert ready["collated_global_crops"].shape == (2 * b, 3, size, size)
+        assert ready["collated_global_crops"].dtype == torch.float32
+
+
+def test_a_bad_photometric_setting_is_refused(helpers):
+    from pretrain.configtools import ConfigError
+
+    with pytest.raises(ConfigError, match="crops.photometric"):
+        load_train_config(str(helpers.config), ["data.shards=x", "crops.photometric=gpu"])

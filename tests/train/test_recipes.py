@@ -74,3 +74,16 @@ def test_local_crop_size_is_not_checked_without_local_crops():
         ["data.shards=x", "crops.local_crops_number=0", "crops.local_crops_size=96"],
     )
     assert cfg.crops.local_crops_number == 0
+
+
+def test_training_with_the_photometric_part_on_the_device(shard_dir, helpers, tmp_path):
+    """crops.photometric=device on a CPU: the batched augmentation runs in the step."""
+    out = tmp_path / "run"
+    proc = helpers.run_train(0, [f"data.shards={shard_dir}/shapes-*.tar", f"output_dir={out}",
+                                 "crops.photometric=device", "train.steps=3", "train.log_every=1",
+                                 "train.checkpoint_every=3", "data.num_workers=1",
+                                 "logging.tensorboard=false"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = helpers.read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
