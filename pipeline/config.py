@@ -72,10 +72,18 @@ class EmbedConfig:
     checkpoint: str = ""  # official DINOv2 .pth / DINOv2-layout .safetensors / dinoforge train dir
     image_size: int = 224  # centre crop after resizing the short side to image_size / 0.875
     features: str = "cls"  # cls | cls_patch_mean (CLS concatenated with the mean patch token)
-    batch_size: int = 64
-    decode_threads: int = 4  # per embedding actor: decode + preprocess overlap the forward
-    actors: int = 0  # 0: one per GPU, or one on a CPU-only cluster
-    cpus_per_actor: float = 1.0
+    # Per embedding actor; 0: by where its model runs (pipeline/resources.py). On a CPU 64 and
+    # 4, as always. On a GPU 256 at 224 px (the same pixels per batch at other sizes) and one
+    # decode thread per CPU of the actor: decoding, which overlaps the forward, feeds the GPU.
+    batch_size: int = 0
+    decode_threads: int = 0
+    actors: int = 0  # 0: actors_per_gpu per GPU, or one on a CPU-only cluster
+    # Actors sharing a GPU (num_gpus = 1 / n each): while one decodes, stacks and copies its
+    # batch in, or writes its shard, the other's forward keeps the GPU busy.
+    actors_per_gpu: int = 2
+    # 0: on GPUs, the GPU nodes' CPUs per GPU split among its actors (the decoders); on a
+    # CPU-only cluster half a CPU (never more there: see resources.embed_pool).
+    cpus_per_actor: float = 0.0
     torch_threads: int = 0  # 0: torch's default (the actor's share of the machine)
     device: str = "auto"  # auto | cpu | cuda
 
@@ -91,7 +99,12 @@ class SemDedupConfig:
     imi_bits: int = 0  # IMI: 4^bits lists; 0: about N / 64
     pq_m: int = 0  # >0: IVF-PQ with this many sub-quantizers (memory at scale)
     query_chunk: int = 65536  # queries per search call / Ray task
-    use_gpu: bool = True  # FAISS on GPU when the machine has one
+    # FAISS on GPUs: the driver's index when its machine has some, and each Ray search task
+    # asks for gpus_per_task GPUs when the cluster has them (a share of one is fine; several
+    # hold the index sharded or replicated).
+    use_gpu: bool = True
+    gpus_per_task: float = 1.0
+    gpu_float16: bool = False  # GPU copies keep flat vectors / PQ tables in float16 (half memory)
     # Refuse a result where one component holds more than this share of a pool of at least
     # 100 images: the embedder does not tell the images apart (collapsed, untrained, another
     # domain) or the threshold is too low. 1.0 disables the check.
@@ -123,7 +136,11 @@ class ClusterConfig:
     # Training sample of a level: at most k * this many of its inputs (FAISS's rule).
     max_points_per_centroid: int = 256
     seed: int = 0
-    use_gpu: bool = True  # FAISS k-means and assignment on the GPU(s) when present
+    # FAISS k-means and assignment on the GPU(s) when present: the driver's, and each Ray
+    # assignment task (one per embedding part, a small centroid index) asks for gpus_per_task.
+    use_gpu: bool = True
+    gpus_per_task: float = 0.25
+    gpu_float16: bool = False  # the centroids in float16 on the GPU (nearest-centroid ties move)
     assign_chunk: int = 65536  # rows per assignment call / Ray task
 
 
@@ -147,6 +164,8 @@ class CurateConfig:
     include_seeds: bool = False  # the seed images themselves join the curated set (on top)
     shard_size: int = 1000  # samples per curated shard
     seed: int = 0
+    use_gpu: bool = True  # the retrieval index (built and searched on the driver) on its GPUs
+    gpu_float16: bool = False  # its GPU copy in float16 (flat vectors / PQ tables)
 
 
 @dataclass
@@ -234,8 +253,9 @@ def check_embed_config(embed: EmbedConfig) -> None:
         raise ValueError(f"embed.features must be one of {EMBED_FEATURES}, got {embed.features!r}")
     if embed.device not in EMBED_DEVICES:
         raise ValueError(f"embed.device must be one of {EMBED_DEVICES}, got {embed.device!r}")
-    for name in ("image_size", "batch_size", "decode_threads"):
+    for name in ("image_size", "actors_per_gpu"):
         if getattr(embed, name) <= 0:
             raise ValueError(f"embed.{name} must be > 0, got {getattr(embed, name)}")
-    if embed.actors < 0 or embed.torch_threads < 0 or embed.cpus_per_actor <= 0:
-        raise ValueError("embed.actors and embed.torch_threads must be >= 0, cpus_per_actor > 0")
+    for name in ("batch_size", "decode_threads", "actors", "torch_threads", "cpus_per_actor"):
+        if not getattr(embed, name) >= 0:  # NaN fails too
+            raise ValueError(f"embed.{name} must be >= 0 (0: auto), got {getattr(embed, name)}")

@@ -3,12 +3,16 @@
 - crawl: one Ray task per input shard, a bounded number in flight; a shard is done once its
   stats file is in place, and a rerun redoes unfinished shards from scratch.
 - dedup: on the driver, over the crawl manifests (reads only parquet columns).
-- embed: a pool of actors (`ray.util.ActorPool`), each loading the backbone once (one GPU each
-  when the cluster has GPUs, fractional CPUs otherwise); one crawl shard per call, its done
-  marker carrying a token of its inputs, so a rerun skips exactly the shards still valid.
+- embed: a pool of actors (`ray.util.ActorPool`), each loading the backbone once
+  (`embed.actors_per_gpu` per GPU when the cluster has GPUs, fractional CPUs otherwise); one
+  crawl shard per call, its done marker carrying a token of its inputs, so a rerun skips
+  exactly the shards still valid.
 - semdedup: embeddings memory-mapped on the driver, FAISS index built once, query chunks spread
-  over Ray tasks (the index shipped through the object store) when the pool spans several
-  chunks; evaluation sets embedded by the same actors.
+  over Ray tasks (the index shipped through the object store; each task holding
+  `semdedup.gpus_per_task` GPUs when the cluster has them) when the pool spans several chunks;
+  evaluation sets embedded by the same actors.
+
+What each task or actor asks Ray for comes from pipeline/resources.py.
 
 Killing the driver at any moment loses nothing finished: every file is written then renamed,
 done markers last.
@@ -27,6 +31,7 @@ import ray
 from ray.util import ActorPool
 
 from pipeline import plan
+from pipeline import resources as res
 from pipeline.config import CrawlConfig, EmbedConfig, PipelineConfig
 from pipeline.layout import RunLayout, clear_temporaries, shard_of_key, token
 from pipeline.shardio import read_stats, write_stats, write_train_shard_list
@@ -234,6 +239,29 @@ def _crawl_token(layout: RunLayout) -> str:
     return token([(s.index, s.stats.read_text()) for s in layout.crawl_done()])
 
 
+# -- where tasks run (their requests: pipeline/resources.py) --------------------------------
+
+
+def cluster_gpus() -> int:
+    """The cluster's GPUs, as Ray counts them (what GPU requests can be granted from)."""
+    return res.cluster_gpus(ray.cluster_resources())
+
+
+def where() -> dict:
+    """What this task or actor was given: its node and GPU ids (``ray.get_gpu_ids()``)."""
+    return {"node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}  # fmt: skip
+
+
+def log_placement(stage: str, places: list[dict]) -> None:
+    """One line per stage: how many of its tasks held a GPU and how many ran FAISS on one."""
+    if places:
+        with_gpu = sum(bool(p["gpu_ids"]) for p in places)
+        on_gpu = sum(bool(p.get("faiss_gpu")) for p in places)
+        log.info("%s: %d tasks, %d holding a GPU, %d running FAISS on a GPU", stage,
+                 len(places), with_gpu, on_gpu)  # fmt: skip
+
+
 # -- embed ------------------------------------------------------------------------------------
 
 
@@ -241,13 +269,15 @@ def _crawl_token(layout: RunLayout) -> str:
 class EmbedActor:
     """Loads the backbone once; embeds one crawl shard (or evaluation set) per call."""
 
-    def __init__(self, embed: EmbedConfig) -> None:
+    def __init__(self, embed: EmbedConfig, cpus: float | None = None) -> None:
         logging.basicConfig(level=logging.INFO)
         import torch
 
         from pipeline.stages.embed import Embedder
 
-        self.embedder = Embedder(embed)
+        # batch size and decode threads (0: auto) follow the device the model lands on, and on
+        # a GPU the CPUs the pool reserved for this actor
+        self.embedder = Embedder(embed, cpus=cpus)
         if embed.torch_threads:
             torch.set_num_threads(embed.torch_threads)
         elif self.embedder.device.type == "cpu":
@@ -259,6 +289,13 @@ class EmbedActor:
         loaded = self.embedder.loaded
         return {"name": loaded.name, "source": str(loaded.source), "sha256": loaded.sha256,
                 "dim": self.embedder.dim, "device": str(self.embedder.device)}  # fmt: skip
+
+    def placement(self) -> dict:
+        """Where this actor runs and with what (not part of any output: the stage's summary
+        keeps ``describe`` only)."""
+        cfg = self.embedder.cfg
+        return {**where(), "device": str(self.embedder.device), "batch_size": cfg.batch_size,
+                "decode_threads": cfg.decode_threads}  # fmt: skip
 
     def embed_shard(self, shard, drop: set[str], part, token_: str) -> dict:
         from pipeline.stages.embed import embed_crawl_shard
@@ -285,16 +322,17 @@ def on_embedders(cfg: PipelineConfig, method: str, jobs: list):
 
 
 def embed_actors(cfg: PipelineConfig) -> list:
-    """The actor pool: one GPU each on a GPU cluster, else fractional CPUs (so that the driver's
-    own tasks are never starved, as Ray's default of a whole CPU per actor would)."""
+    """The actor pool (``resources.embed_pool``): ``embed.actors_per_gpu`` per GPU, each with a
+    share of its node's CPUs for decoding, on a GPU cluster; else fractional CPUs (so that the
+    driver's own tasks are never starved, as Ray's default of a whole CPU per actor would)."""
     embed = to_object(cfg.embed)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = gpus > 0 and embed.device != "cpu"
-    count = embed.actors or (gpus if use_gpu else 1)
-    options = {"num_gpus": 1, "num_cpus": embed.cpus_per_actor} if use_gpu else {
-        "num_cpus": min(embed.cpus_per_actor, 0.5)}  # fmt: skip
-    log.info("embed: %d actor(s) with %s", count, options)
-    return [EmbedActor.options(**options).remote(embed) for _ in range(count)]
+    gpus = cluster_gpus()
+    pool = res.embed_pool(embed, gpus, res.cpus_per_gpu(ray.nodes()) if gpus else None)
+    if pool.gpu and pool.actors * pool.options["num_gpus"] > gpus + 1e-6:
+        log.warning("embed: %d actors of %s GPU each exceed the cluster's %d GPUs: the rest wait "
+                    "for GPUs to join", pool.actors, pool.options["num_gpus"], gpus)  # fmt: skip
+    log.info("embed: %d actor(s) with %s", pool.actors, pool.options)
+    return [EmbedActor.options(**pool.options).remote(embed, pool.cpus) for _ in range(pool.actors)]
 
 
 def _run_embed(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previous) -> dict:
@@ -378,7 +416,7 @@ def _run_semdedup(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previ
     table, result = semdedup.semantic_dedup(
         pool, keys, areas, sem, eval_parts=evals or None, eval_keys=eval_keys or None,
         decon_threshold=cfg.decontaminate.threshold,
-        search=_ray_search(sem, [p.npy for p in parts]),
+        search=RaySearch(sem, [p.npy for p in parts], cluster_gpus()),
     )  # fmt: skip
     from pipeline.shardio import write_parquet_atomic
 
@@ -442,38 +480,54 @@ def _embed_eval_sets(cfg: PipelineConfig, layout: RunLayout) -> list:
 
 @ray.remote
 def _search_task(blob, paths: list[str], index_of_part: int, start: int, stop: int,
-                 first_row: int, k: int, thr: float, use_gpu: bool, rescore: bool):  # fmt: skip
+                 first_row: int, k: int, thr: float, use_gpu: bool, float16: bool,
+                 rescore: bool):  # fmt: skip
     """kNN edges of one query chunk: rows [start, stop) of one embeddings file (every file
-    memory-mapped when IVF-PQ similarities are re-scored exactly)."""
+    memory-mapped when IVF-PQ similarities are re-scored exactly), and where it ran. FAISS goes
+    to the GPU only if this task was given one: a task that asked for none still sees every GPU
+    of its node (Ray 2.60), which belong to other tasks."""
     import numpy as np
 
     from pipeline.stages import semdedup
 
-    index = semdedup.deserialize_index(blob, use_gpu)
+    place = where()
+    index = semdedup.deserialize_index(blob, use_gpu and bool(place["gpu_ids"]), float16)
     parts = [np.load(p, mmap_mode="r") for p in paths]
     queries = parts[index_of_part][start:stop]
-    return semdedup.search_edges(index, queries, first_row, k, thr, parts if rescore else None)
+    edges = semdedup.search_edges(index, queries, first_row, k, thr, parts if rescore else None)
+    return edges, {**place, "faiss_gpu": semdedup.on_gpu(index)}
 
 
-def _ray_search(sem: Any, paths: list[Path]):
-    """Spread the kNN queries over Ray tasks, one per query chunk, once the pool spans more than
-    one chunk; each task reads its rows from the memory-mapped file and gets the index through
-    the object store (put once)."""
-    from pipeline.stages import semdedup
+class RaySearch:
+    """semantic_dedup's ``search``: the kNN queries over Ray tasks, one per query chunk, once the
+    pool spans more than one chunk; each task reads its rows from the memory-mapped file and
+    gets the index through the object store (put once). The tasks ask for GPUs as
+    ``resources.search_placement`` says for this index on a cluster of ``gpus`` GPUs; where
+    each ran is kept in ``placements``."""
 
-    def search(index, parts, k: int, threshold: float, rescore: bool = False):
+    def __init__(self, sem: Any, paths: list[Path], gpus: int) -> None:
+        self.sem, self.paths, self.gpus = sem, paths, gpus
+        self.placements: list[dict] = []
+
+    def __call__(self, index, parts, k: int, threshold: float, rescore: bool = False):
+        from pipeline.stages import semdedup
+
+        sem = self.sem
         if sum(p.shape[0] for p in parts) <= sem.query_chunk:
             return semdedup.search_all(index, parts, k, threshold, sem.query_chunk, rescore)
+        place = res.search_placement(sem, self.gpus, gpu_index=not semdedup.cpu_only(index))
+        task = _search_task.options(**place.options)
         blob = ray.put(semdedup.serialize_index(index))
-        names = [str(p) for p in paths]
+        names = [str(p) for p in self.paths]
         refs, first = [], 0
         for i, part in enumerate(parts):
             for start in range(0, part.shape[0], sem.query_chunk):
                 stop = min(start + sem.query_chunk, part.shape[0])
-                refs.append(_search_task.remote(blob, names, i, start, stop, first + start, k,
-                                                threshold, sem.use_gpu, rescore))  # fmt: skip
+                refs.append(task.remote(blob, names, i, start, stop, first + start, k, threshold,
+                                        place.gpu, sem.gpu_float16, rescore))  # fmt: skip
             first += part.shape[0]
-        log.info("semdedup: %d query chunks over Ray tasks", len(refs))
-        return semdedup.concat_edges(ray.get(refs))
-
-    return search
+        log.info("semdedup: %d query chunks over Ray tasks with %s", len(refs), place.options)
+        done = ray.get(refs)
+        self.placements = [p for _, p in done]
+        log_placement("semdedup", self.placements)
+        return semdedup.concat_edges([edges for edges, _ in done])

@@ -2,7 +2,8 @@
 
 - cluster: every level's centroids are trained on the driver from a sample (FAISS's
   points-per-centroid rule); the level-1 assignment of the whole kept pool runs in Ray tasks, one
-  per embedding part, each memory-mapping its own file: no process holds every embedding.
+  per embedding part, each memory-mapping its own file: no process holds every embedding. The
+  tasks hold `cluster.gpus_per_task` GPUs when the cluster has them (pipeline/resources.py).
 - curate: the seed images are embedded by the embed stage's actors (cached under
   RUN/embed/seeds/); retrieval and balanced sampling run on the driver over the kept pool.
 - write: one Ray task per curated shard copies each sample's JPEG and JSON out of the crawl tars
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import plan
+from pipeline import resources as res
 from pipeline.config import PipelineConfig
 from pipeline.layout import (
     CRAWL_SCHEMA,
@@ -31,6 +33,7 @@ from pipeline.layout import (
     shard_of_key,
     token,
 )
+from pipeline.runner import cluster_gpus, log_placement, where
 from pipeline.shardio import read_stats, write_npy_atomic, write_parquet_atomic, write_stats
 from pipeline.stages import cluster as cl
 from pipeline.stages.curate import RowSubset
@@ -74,9 +77,27 @@ def _pool_token(layout: RunLayout) -> str | None:
 
 
 @ray.remote
-def _assign_task(centroids: np.ndarray, path: str, rows: np.ndarray, chunk: int, use_gpu: bool):
+def _assign_task(centroids: np.ndarray, path: str, rows: np.ndarray, chunk: int, use_gpu: bool,
+                 float16: bool):  # fmt: skip
+    """Nearest centroids of one embedding part's kept rows, and where it ran. FAISS goes to the
+    GPU only if this task was given one (a task that asked for none still sees its node's)."""
+    place = where()
+    gpu = use_gpu and bool(place["gpu_ids"])
     part = RowSubset(np.load(path, mmap_mode="r"), rows)
-    return cl.assign_parts(centroids, [part], chunk, use_gpu)
+    labels, distances = cl.assign_parts(centroids, [part], chunk, gpu, float16)
+    return labels, distances, {**place, "faiss_gpu": cl.gpu_available(gpu)}
+
+
+def assign_pool(centroids: np.ndarray, paths: list[Path], rows: list, ccfg, gpus: int):
+    """(labels, distances, where each task ran) of the whole pool: one Ray task per embedding
+    part, asking for GPUs as ``resources.assign_placement`` says on a cluster of ``gpus``."""
+    place = res.assign_placement(ccfg, gpus)
+    task = _assign_task.options(**place.options)
+    done = ray.get([task.remote(centroids, str(p), r, ccfg.assign_chunk, place.gpu,
+                                ccfg.gpu_float16) for p, r in zip(paths, rows)])  # fmt: skip
+    places = [d[2] for d in done]
+    log_placement("cluster", places)
+    return np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done]), places
 
 
 def _cluster_token(cfg: PipelineConfig, layout: RunLayout) -> str:
@@ -96,13 +117,10 @@ def run_cluster(cfg: PipelineConfig, layout: RunLayout, total_rows: int, previou
         inputs = parts if level == 1 else [levels[-1].centroids]
         centroids = cl.train_level(cl.training_sample(inputs, k, ccfg, level), k, ccfg, level)
         if level == 1:  # the whole pool: one Ray task per embedding part
-            refs = [_assign_task.remote(centroids, str(p), r, ccfg.assign_chunk, ccfg.use_gpu)
-                    for p, r in zip(paths, rows)]  # fmt: skip
-            done = ray.get(refs)
-            labels = np.concatenate([d[0] for d in done])
-            distances = np.concatenate([d[1] for d in done])
+            labels, distances, _ = assign_pool(centroids, paths, rows, ccfg, cluster_gpus())
         else:
-            labels, distances = cl.assign_parts(centroids, inputs, ccfg.assign_chunk, ccfg.use_gpu)
+            labels, distances = cl.assign_parts(centroids, inputs, ccfg.assign_chunk, ccfg.use_gpu,
+                                                ccfg.gpu_float16)  # fmt: skip
         levels.append(cl.Level(centroids, labels, distances))
         log.info("cluster: level %d, %d clusters over %d inputs", level, k, len(labels))
     _write_levels(layout, levels, keys)
@@ -253,7 +271,8 @@ def _retrieve(ccfg, parts, levels, seed_parts, selected_by, query_key, query_sim
 
         n = sum(p.shape[0] for p in parts)
         icfg = SemDedupConfig(index="auto", ivf_min_size=ccfg.retrieval_ivf_min_size,
-                              pq_m=ccfg.retrieval_pq_m)  # fmt: skip
+                              pq_m=ccfg.retrieval_pq_m, use_gpu=ccfg.use_gpu,
+                              gpu_float16=ccfg.gpu_float16)  # fmt: skip
         index = build_index(parts, icfg, n)
         exact = parts if index_kind(icfg, n) == "ivfpq" else None  # PQ cosines are biased
         rows, seed_rows, sims, collisions = cu.sample_based(index, seeds, ccfg.per_seed, exact)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import ClusterConfig  # noqa: F401  (re-exported)
+from pipeline.resources import check_gpus_per_task, index_to_gpus
 from pipeline.stages.semdedup import (
     check_normalised,
     chunks,
@@ -102,6 +103,7 @@ def check_cluster_config(cfg) -> None:
             raise ValueError(f"cluster.{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.seed < 0:
         raise ValueError(f"cluster.seed must be >= 0, got {cfg.seed}")
+    check_gpus_per_task(cfg.gpus_per_task, "cluster.gpus_per_task")
 
 
 def _as_parts(parts) -> list[np.ndarray]:
@@ -233,7 +235,7 @@ def train_level(points_sample: np.ndarray, k: int, cfg, level: int) -> np.ndarra
     steps = int(cfg.resampling_steps[level - 1])
     size = sample_size(cfg, level, len(x), k)
     for step in range(1, steps + 1):
-        labels, dist = assign(centroids, x, cfg.use_gpu)
+        labels, dist = assign(centroids, x, cfg.use_gpu, cfg.gpu_float16)
         keep = closest_per_cluster(labels, dist, size)
         if len(keep) < k:  # empty clusters left fewer than k points: nothing to resample
             log.warning("cluster level %d: resampling kept %d points for %d clusters; "
@@ -246,16 +248,17 @@ def train_level(points_sample: np.ndarray, k: int, cfg, level: int) -> np.ndarra
 # -- assignment -------------------------------------------------------------------------------
 
 
-def centroid_index(centroids: np.ndarray, use_gpu: bool = False):
+def centroid_index(centroids: np.ndarray, use_gpu: bool = False, float16: bool = False):
     """An exact inner-product FAISS index over ``centroids`` (on the GPU(s) when asked and
-    present)."""
+    present: ``index_to_gpus``, filled first as a sharded flat index must be; ``float16``
+    stores the centroids in half precision there)."""
     import faiss
 
     centroids = np.ascontiguousarray(centroids, np.float32)
     index = faiss.IndexFlatIP(centroids.shape[1])
-    if gpu_available(use_gpu):
-        index = faiss.index_cpu_to_all_gpus(index)
     index.add(centroids)
+    if gpu_available(use_gpu):
+        index = index_to_gpus(index, centroids.nbytes, float16)
     return index
 
 
@@ -265,22 +268,22 @@ def _nearest(index, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def assign(
-    centroids: np.ndarray, queries: np.ndarray, use_gpu: bool = False
+    centroids: np.ndarray, queries: np.ndarray, use_gpu: bool = False, float16: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """(int64 labels, float32 distances = 1 - cosine) of the nearest centroid (largest inner
     product) of every query row; one chunk, e.g. one Ray task."""
-    return _nearest(centroid_index(centroids, use_gpu), queries)
+    return _nearest(centroid_index(centroids, use_gpu, float16), queries)
 
 
 def assign_parts(
-    centroids: np.ndarray, parts, chunk: int, use_gpu: bool = False
+    centroids: np.ndarray, parts, chunk: int, use_gpu: bool = False, float16: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """``assign`` over every row of ``parts`` (possibly memory-mapped float16), ``chunk`` rows
     at a time, in this process; one float32 chunk in memory at a time."""
     parts = _as_parts(parts)
     n = sum(p.shape[0] for p in parts)
     labels, distances = np.empty(n, np.int64), np.empty(n, np.float32)
-    index = centroid_index(centroids, use_gpu)
+    index = centroid_index(centroids, use_gpu, float16)
     for row, block in chunks(parts, chunk):
         labels[row : row + len(block)], distances[row : row + len(block)] = _nearest(index, block)
     return labels, distances
@@ -301,7 +304,8 @@ def hierarchical_kmeans(parts, cfg) -> list[Level]:
         if k > sum(p.shape[0] for p in inputs):  # unreachable with strictly decreasing levels
             raise ValueError(f"cluster.levels[{level - 1}]={k} exceeds the level's inputs")
         centroids = train_level(training_sample(inputs, k, cfg, level), k, cfg, level)
-        labels, distances = assign_parts(centroids, inputs, cfg.assign_chunk, cfg.use_gpu)
+        labels, distances = assign_parts(centroids, inputs, cfg.assign_chunk, cfg.use_gpu,
+                                         cfg.gpu_float16)  # fmt: skip
         levels.append(Level(centroids, labels, distances))
         log.info("cluster level %d: %d clusters, %d non-empty", level, k, len(np.unique(labels)))
         inputs = [centroids]

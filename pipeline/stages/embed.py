@@ -32,6 +32,7 @@ from PIL import Image
 
 from pipeline.config import EmbedConfig
 from pipeline.layout import EMBED_FAILURES_SCHEMA, CrawlShard, EmbedPart
+from pipeline.resources import resolve_embed
 from pipeline.shardio import iter_tar_samples, write_npy_atomic, write_parquet_atomic, write_stats
 from pretrain.data.tars import read_regular_file
 from pretrain.models import LoadedBackbone, load_backbone
@@ -73,12 +74,17 @@ def pick_device(name: str) -> torch.device:
 
 
 class Embedder:
-    """A backbone on a device that turns uint8 image batches into L2-normalised features."""
+    """A backbone on a device that turns uint8 image batches into L2-normalised features.
 
-    def __init__(self, cfg: EmbedConfig, loaded: LoadedBackbone | None = None) -> None:
-        self.cfg = cfg
+    ``cfg.batch_size`` / ``cfg.decode_threads`` of 0 are set here for the device the model is on
+    (``pipeline.resources.resolve_embed``; ``cpus``: the CPUs this process may decode on)."""
+
+    def __init__(
+        self, cfg: EmbedConfig, loaded: LoadedBackbone | None = None, cpus: float | None = None
+    ) -> None:
         self.loaded = loaded or load_backbone(cfg.checkpoint)
         self.device = pick_device(cfg.device)
+        self.cfg = resolve_embed(cfg, gpu=self.device.type == "cuda", cpus=cpus)
         self.model = self.loaded.model.to(self.device).eval()
         self.dim = self.loaded.embed_dim * (2 if cfg.features == "cls_patch_mean" else 1)
         shape = (1, 3, 1, 1)

@@ -5,7 +5,8 @@ per chunk, the index shipped with ``serialize_index``), or call ``semantic_dedup
 
 1. An inner-product FAISS index over the L2-normalised embeddings: exact (flat) below
    ``ivf_min_size``, an inverted file (IVF, IVF-PQ with ``pq_m``) from there on; built on the
-   GPU(s) when ``use_gpu`` and FAISS sees one.
+   GPU(s) when ``use_gpu`` and FAISS sees one (sharded over several GPUs when big, float16 with
+   ``gpu_float16``: ``pipeline.resources.index_to_gpus``).
 2. The ``k`` nearest neighbours of every embedding (itself among them), queried in chunks; an
    edge for every neighbour other than itself with cosine similarity above ``threshold``.
 3. Connected components of that undirected graph (scipy); one survivor per component: the
@@ -36,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.layout import SEMANTIC_SCHEMA
+from pipeline.resources import check_gpus_per_task, index_to_gpus
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ def check_semdedup_config(cfg) -> None:
         raise ValueError(
             f"semdedup.max_component_share must be in (0, 1], got {cfg.max_component_share}"
         )
+    check_gpus_per_task(cfg.gpus_per_task, "semdedup.gpus_per_task")
 
 
 def check_decontaminate_config(cfg) -> None:
@@ -179,13 +182,22 @@ def n_lists(cfg, n: int) -> int:
     return 0 if kind == "flat" else 4 ** imi_bits(cfg, n) if kind == "imi" else ivf_nlist(cfg, n)
 
 
+def index_bytes(kind: str, n: int, dim: int, pq_m: int = 0) -> int:
+    """About the memory of an index of ``kind`` over ``n`` rows: float32 vectors (flat), plus
+    an 8-byte id per row in inverted lists, or PQ codes of ``pq_m`` bytes instead (ivfpq)."""
+    per_row = {"flat": 4 * dim, "ivfpq": pq_m + 8}.get(kind, 4 * dim + 8)
+    return int(n) * per_row
+
+
 def build_index(parts: Sequence[np.ndarray], cfg, n_total: int, seed: int = 0):
     """An inner-product index holding every row of ``parts`` in order (ids = global rows).
 
     Flat, IVF-Flat, IVF-PQ or IVF-Flat over an inverted multi-index (``index_kind``); trained
     on a uniform sample of min(n, TRAIN_POINTS_PER_LIST * nlist) rows (IMI: 256 rows per
     codebook centroid), then filled chunk by chunk in float32. On every GPU when
-    ``gpu_available(cfg.use_gpu)``, but for IMI, which FAISS runs on CPU only."""
+    ``gpu_available(cfg.use_gpu)``, but for IMI, which FAISS runs on CPU only: an IVF index is
+    trained on one GPU, then copied to all of them (``index_to_gpus``: sharded when big) and
+    filled there; a flat one is filled first (FAISS's flat shards take a single add)."""
     import faiss
 
     dim = embedding_dim(parts, "pool")
@@ -217,15 +229,25 @@ def build_index(parts: Sequence[np.ndarray], cfg, n_total: int, seed: int = 0):
         else:
             index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.nprobe = min(cfg.ivf_nprobe, nlist)
-    if gpu_available(cfg.use_gpu) and kind != "imi":
-        index = faiss.index_cpu_to_all_gpus(index)  # untrained: trained and filled on the GPU
+    gpu = gpu_available(cfg.use_gpu) and kind != "imi"
     if kind in ("ivf", "ivfpq"):
         size = max(39 * nlist, min(TRAIN_POINTS_PER_LIST * nlist, TRAIN_MAX_ROWS))
         if kind == "ivfpq":  # and 256 rows per PQ centroid
             size = max(size, 256 * 256)
-        index.train(_training_sample(parts, n_total, min(n_total, size), seed))
+        sample = _training_sample(parts, n_total, min(n_total, size), seed)
+        if gpu:  # one training (on one GPU) that every copy shares
+            trainer = faiss.index_cpu_to_all_gpus(index, ngpu=1)
+            trainer.train(sample)
+            index = faiss.index_gpu_to_cpu(trainer)
+            del trainer  # and its GPU resources, before the copies take theirs
+        else:
+            index.train(sample)
+    if gpu and kind != "flat":  # trained, empty: filled on the GPUs
+        index = index_to_gpus(index, index_bytes(kind, n_total, dim, cfg.pq_m), cfg.gpu_float16)
     for _, block in chunks(parts, cfg.query_chunk):
         index.add(block)
+    if gpu and kind == "flat":
+        index = index_to_gpus(index, index_bytes(kind, n_total, dim), cfg.gpu_float16)
     return index
 
 
@@ -235,9 +257,22 @@ def _training_sample(parts: Sequence[np.ndarray], n: int, size: int, seed: int) 
 
 
 def on_gpu(index) -> bool:
-    """Whether ``index`` lives on GPUs (what ``index_cpu_to_all_gpus`` returns)."""
+    """Whether ``index`` lives on GPUs (what ``index_to_gpus`` returns: one GPU index, or
+    replicas / shards of them; the pipeline makes no CPU replicas or shards)."""
     name = type(index).__name__
-    return name.startswith("Gpu") or name == "IndexReplicas"
+    return name.startswith("Gpu") or name in ("IndexReplicas", "IndexShards")
+
+
+def cpu_only(index) -> bool:
+    """Whether FAISS runs ``index`` on the CPU only: the inverted multi-index (IMI)."""
+    import faiss
+
+    if on_gpu(index):
+        return False
+    quantizer = getattr(index, "quantizer", None)  # IVF: its coarse quantizer, as a base Index
+    return quantizer is not None and isinstance(
+        faiss.downcast_index(quantizer), faiss.MultiIndexQuantizer
+    )
 
 
 def serialize_index(index) -> np.ndarray:
@@ -249,18 +284,16 @@ def serialize_index(index) -> np.ndarray:
     return faiss.serialize_index(index)
 
 
-def deserialize_index(blob: np.ndarray, use_gpu: bool = False):
-    """The index back from ``serialize_index``; on every GPU when asked and present."""
+def deserialize_index(blob: np.ndarray, use_gpu: bool = False, float16: bool = False):
+    """The index back from ``serialize_index``; on every GPU this process sees when asked and
+    present (``index_to_gpus``: sharded when the blob is big, ``float16`` when asked)."""
     import faiss
 
-    index = faiss.deserialize_index(np.asarray(blob, np.uint8))
-    quantizer = getattr(index, "quantizer", None)  # IVF: its coarse quantizer, as a base Index
-    on_cpu_only = quantizer is not None and isinstance(
-        faiss.downcast_index(quantizer), faiss.MultiIndexQuantizer
-    )
-    return (
-        index if on_cpu_only or not gpu_available(use_gpu) else faiss.index_cpu_to_all_gpus(index)
-    )
+    blob = np.asarray(blob, np.uint8)
+    index = faiss.deserialize_index(blob)
+    if cpu_only(index) or not gpu_available(use_gpu):
+        return index
+    return index_to_gpus(index, blob.nbytes, float16)
 
 
 # -- kNN graph --------------------------------------------------------------------------------
