@@ -144,7 +144,8 @@ def profile_step(one_step, step: int, device, path: Path) -> None:
 
 def run_case(args: argparse.Namespace, model: str, nproc: int, shards: str, tmp: str) -> dict:
     result = Path(tmp) / f"{model}-{nproc}.json"
-    overrides = _overrides(args, model, shards, str(Path(tmp) / "out"))
+    # the caller's own overrides last: they win over the bench's (dist.compile=true, ...)
+    overrides = [*_overrides(args, model, shards, str(Path(tmp) / "out")), *args.overrides]
     profile = ["--profile", f"{args.profile}-{model}-{nproc}.txt"] if args.profile else []
     # torchrun as a module: the interpreter's own, wherever its console scripts were installed
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",

@@ -119,6 +119,8 @@ def param_groups(student: nn.Module, cfg: OptimConfig, n_blocks: int) -> list[di
 
 def build_optimizer(student: nn.Module, cfg: OptimConfig, n_blocks: int) -> torch.optim.AdamW:
     groups = param_groups(student, cfg, n_blocks)
+    if cfg.implementation == "fused":
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas), fused=True)
     # foreach=True keeps the step fast for DTensor params on CPU and GPU alike.
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas), foreach=True)
 
