@@ -37,8 +37,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--avgpool", action="store_true", help="linear: add mean patch token")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where features are computed: auto (CUDA when present), cpu, cuda",
+    )
     parser.add_argument("--output", default=None, help="JSON path (default: beside the checkpoint)")
     return parser
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: this machine has no CUDA device")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise SystemExit(f"--device {name!r} is not a device: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.checkpoint, random_init=args.random_init, model=args.model, seed=args.seed
     )
     size = args.image_size or size
+    backbone.to(_device(args.device))
     train, val = load_labelled(args.train), load_labelled(args.val)
     feats = (
         {"n_last_blocks": args.n_last_blocks, "avgpool": args.avgpool}

@@ -149,3 +149,17 @@ def test_eval_falls_back_to_the_latest_checkpoint_of_an_unexported_run(tmp_path)
     assert size == 56 and not backbone.training
     for key, value in teacher.backbone.state_dict().items():
         torch.testing.assert_close(backbone.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_eval_device_choice():
+    import torch
+
+    from pretrain.eval.__main__ import _device
+
+    assert _device("cpu") == torch.device("cpu")
+    assert _device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(SystemExit, match="not a device"):
+        _device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            _device("cuda")
