@@ -5,9 +5,9 @@ flips and draws the parameters; the rest runs batched on the training device).
 
 Each mode runs the real stream (`ShardStream`: tar reads, shuffle buffer, JPEG decode, the
 multi-crop augmentation, iBOT masks, collate) in this process on one thread, so images/s is
-per loader core, which is what a DataLoader worker gets. The device-side part of the device
-mode is timed separately (on the CPU here: a bound, far above what a GPU takes); modes
-alternate round by round on the same shards.
+per loader core, which is what a DataLoader worker gets. What is left for the device (the copy,
+the batched photometric part, the normalisation) is timed separately on `--device` (on a CPU
+it is a bound far above what a GPU takes); modes alternate round by round on the same shards.
 
     python bench/bench_loader.py                      # both geometries, 3 rounds
     python bench/bench_loader.py --geometry 224 --rounds 5 --batches 6
@@ -86,7 +86,7 @@ def stream(cfg, output: str, shards: list[str]):
     )  # fmt: skip
 
 
-def time_mode(cfg, mode: str, shards: list[str], batches: int) -> dict:
+def time_mode(cfg, mode: str, shards: list[str], batches: int, device: str = "cpu") -> dict:
     import torch
 
     from pretrain.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
@@ -102,11 +102,18 @@ def time_mode(cfg, mode: str, shards: list[str], batches: int) -> dict:
     row = {"mode": mode, "images": images, "loader_images_per_sec_per_core": images / loader_s,
            "batch_bytes": sum(v.numel() * v.element_size() for v in got[0].values()
                               if torch.is_tensor(v))}  # fmt: skip
-    if mode != "before":  # what is left for the device, timed on this CPU
+    if mode != "before":  # what is left for the device: copy, (photometric), normalise
+        target = torch.device(device)
+        batch_to_device(got[0], target, IMAGENET_MEAN, IMAGENET_STD)  # warm (kernels, constants)
+        if target.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         for batch in got:
-            batch_to_device(batch, torch.device("cpu"), IMAGENET_MEAN, IMAGENET_STD)
-        row["device_part_cpu_s_per_batch"] = (time.perf_counter() - start) / batches
+            batch_to_device(batch, target, IMAGENET_MEAN, IMAGENET_STD)
+        if target.type == "cuda":
+            torch.cuda.synchronize()
+        row["device_part_s_per_batch"] = (time.perf_counter() - start) / batches
+        row["device"] = device
     return row
 
 
@@ -117,6 +124,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=4, help="timed batches per mode and round")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--images", type=int, default=512, help="images written into the shards")
+    p.add_argument("--device", default="cpu", help="where the device part is timed (cpu, cuda)")
     add_jsonl_arg(p, "loader")
     args = p.parse_args()
 
@@ -143,7 +151,7 @@ def main() -> None:
             for round_ in range(args.rounds):
                 for mode in MODES:
                     row = {"geometry": name, "round": round_, **time_mode(cfg, mode, shards,
-                                                                         args.batches)}  # fmt: skip
+                                                                         args.batches, args.device)}  # fmt: skip
                     per_mode[mode].append(rows.write(row))
                     print(json.dumps(row), flush=True)
             base = statistics.median(
@@ -155,16 +163,16 @@ def main() -> None:
                         "ratio_vs_before": ips / base, "rounds": args.rounds,
                         "batch_bytes": per_mode[mode][0]["batch_bytes"]}  # fmt: skip
                 if mode != "before":
-                    line["device_part_cpu_s_per_batch"] = statistics.median(
-                        r["device_part_cpu_s_per_batch"] for r in per_mode[mode]
+                    line["device_part_s_per_batch"] = statistics.median(
+                        r["device_part_s_per_batch"] for r in per_mode[mode]
                     )
                 summary.append(rows.write({"summary": True, **line}))
     after = os.getloadavg()
     print(f"\nload average before: {load[0]:.2f}; after: {after[0]:.2f}")
-    print("| geometry | loader output | images/s per core | vs before | batch MB | device part on this CPU |")  # fmt: skip
+    print(f"| geometry | loader output | images/s per core | vs before | batch MB | device part ({args.device}) |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for s in summary:
-        dev = s.get("device_part_cpu_s_per_batch")
+        dev = s.get("device_part_s_per_batch")
         dev_text = f"{1000 * dev:.0f} ms/batch" if dev is not None else "-"
         print(f"| {s['geometry']} | {s['mode']} | {s['median_images_per_sec_per_core']:.1f} | "
               f"{s['ratio_vs_before']:.2f}x | {s['batch_bytes'] / 1e6:.1f} | {dev_text} |")  # fmt: skip

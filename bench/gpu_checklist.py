@@ -24,6 +24,10 @@ running long) leaves the others' figures:
    peak memory, MFU; one extra step profiled (top operators by self CUDA time).
 4. `embed`: `bench/bench_embed.py` ViT-L/14 bf16 at 224 px: the bare forward against the embed
    stage's path (decode + preprocess + forward + write), without Ray.
+5. `loader`: `bench/bench_loader.py`: loader images/s per core (before / uint8 / photometric
+   on the device) and the device part's time on the GPU.
+6. `train-vitl-levers`, `train-vitl-batch96`: ViT-L/14 again with `dist.compile=true` and
+   `optim.implementation=fused`, at batch 64 and 96.
 
 Every step's log goes to OUT/NN-step.log, its JSON report (where it prints one) into
 OUT/summary.json, which is printed at the end. Steps whose timeout no longer fits in
@@ -51,7 +55,15 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from _rows import RowWriter, add_jsonl_arg, read_rows  # noqa: E402
 
-BENCH_STEPS = ("vit", "train-vitb", "train-vitl", "embed")  # the steps that write OUT/<step>.jsonl
+BENCH_STEPS = (
+    "vit",
+    "train-vitb",
+    "train-vitl",
+    "embed",
+    "loader",
+    "train-vitl-levers",
+    "train-vitl-batch96",
+)  # the steps that write OUT/<step>.jsonl
 
 
 def steps(out: Path, smoke: bool) -> list[tuple[str, list[str], int]]:
@@ -80,6 +92,10 @@ def steps(out: Path, smoke: bool) -> list[tuple[str, list[str], int]]:
         train_l = [*train, "--models", "vit_small"]
         embed = [PY, str(bench / "bench_embed.py"), *dev, "--model", "vit_small", "--images",
                  "64", "--batch", "16", "--size", "56", "--rounds", "1"]  # fmt: skip
+        loader = [PY, str(bench / "bench_loader.py"), *dev, "--rounds", "1", "--batches", "1",
+                  "--batch", "4", "--images", "64"]  # fmt: skip
+        levers = [*train, "--models", "vit_test", "dist.compile=true",
+                  "optim.implementation=fused"]  # fmt: skip
     else:
         dev = ["--device", "cuda"]
         vit = [PY, str(bench / "bench_vit.py"), *dev, "--dtype", "bf16", "--batch", "64",
@@ -94,6 +110,12 @@ def steps(out: Path, smoke: bool) -> list[tuple[str, list[str], int]]:
         embed = [PY, str(bench / "bench_embed.py"), *dev, "--model", "vit_large", "--images",
                  "4096", "--shard-size", "1024", "--batch", "256", "--decode-threads", "12",
                  "--rounds", "2"]  # fmt: skip
+        loader = [PY, str(bench / "bench_loader.py"), *dev, "--rounds", "2", "--batches", "4",
+                  "--batch", "32"]  # fmt: skip
+        # the levers for ViT-L's MFU: compile per block and fused AdamW, then a larger batch
+        levers = [*train_l, "dist.compile=true", "optim.implementation=fused"]
+        levers_b = [*levers[:levers.index("--batch") + 1], "96",
+                    *levers[levers.index("--batch") + 2:]]  # fmt: skip
     listed = [
         ("env", env, 60),
         ("attention", attention, 150),
@@ -101,7 +123,11 @@ def steps(out: Path, smoke: bool) -> list[tuple[str, list[str], int]]:
         ("train-vitb", train_b, 120),
         ("train-vitl", train_l, 150),
         ("embed", embed, 120),
+        ("loader", loader, 120),
+        ("train-vitl-levers", levers, 240),
     ]
+    if not smoke:
+        listed.append(("train-vitl-batch96", levers_b, 240))
     return [(name, [*cmd, "--jsonl", str(step_rows(out, name))] if name in BENCH_STEPS else cmd,
              timeout) for name, cmd, timeout in listed]  # fmt: skip
 
