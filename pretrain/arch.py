@@ -36,6 +36,8 @@ class SSLModel(nn.Module):
             embed_dim=m.embed_dim,
             depth=m.depth,
             num_heads=m.num_heads,
+            lora_rank=m.lora_rank,
+            lora_alpha=m.lora_alpha,
         )
         dim = self.backbone.embed_dim
         self.dino_head = DINOHead(dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.nlayers)
@@ -84,7 +86,35 @@ def build_student_teacher(cfg: TrainConfig) -> tuple[SSLModel, SSLModel]:
     teacher = SSLModel(cfg, 0.0)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
+    set_trainable(student, cfg)
     return student, teacher
+
+
+def trainable_backbone_names(backbone: nn.Module, cfg: TrainConfig) -> set[str]:
+    """Names (in the backbone) of the parameters that train: all, or with
+    model.trainable_blocks=N the last N blocks and the final norm, and with LoRA its low-rank
+    factors (the weights they adapt stay frozen)."""
+    m = cfg.model
+    names = {name for name, _ in backbone.named_parameters()}
+    if m.trainable_blocks < 0 and not m.lora_rank:
+        return names
+    depth = backbone.n_blocks
+    keep = max(0, min(m.trainable_blocks, depth)) if m.trainable_blocks >= 0 else 0
+    open_blocks = {f"blocks.{i}." for i in range(depth - keep, depth)}
+    chosen = {
+        n for n in names if any(n.startswith(b) for b in open_blocks) or n.startswith("norm.")
+    }
+    if m.trainable_blocks < 0 and m.lora_rank:
+        chosen = set()  # LoRA alone: only the low-rank factors train
+    return chosen | {n for n in names if "_lora_" in n}
+
+
+def set_trainable(student: SSLModel, cfg: TrainConfig) -> None:
+    """Freeze what model.trainable_blocks and model.lora_rank leave out (heads always train):
+    frozen parameters get no gradient and are left out of the optimizer."""
+    open_names = trainable_backbone_names(student.backbone, cfg)
+    for name, param in student.backbone.named_parameters():
+        param.requires_grad_(name in open_names)
 
 
 @dataclass

@@ -30,6 +30,19 @@ class ModelConfig:
     embed_dim: int = 0
     depth: int = 0
     num_heads: int = 0
+    # Start from released weights: an official DINOv2 .pth, a .safetensors in that layout, or a
+    # dinoforge run directory (its teacher, heads included). Empty: random init. Read once at
+    # the start of a fresh run (a resume takes its checkpoint); docs/training.md, "Continued
+    # pretraining".
+    pretrained: str = ""
+    # Only the last N blocks and the final norm train (-1: every block). Fewer trainable
+    # weights keep more of a loaded backbone's features and cost less optimizer memory.
+    trainable_blocks: int = -1
+    # LoRA on every block's attention qkv and proj (0: off): the backbone's own weights then
+    # stay frozen (but the last `trainable_blocks`), low-rank updates of rank r train, scaled
+    # alpha / r, and are merged into plain weights at export.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
 
 
 @dataclass
@@ -108,6 +121,11 @@ class OptimConfig:
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 30
     scaling_rule: str = "sqrt_wrt_1024"  # sqrt_wrt_1024 | linear_wrt_1024 | none
+    # The backbone's lr relative to the heads' (peak x this), and its own linear warm-up over
+    # this many steps once it unfreezes (after train.freeze_backbone_steps): a loaded backbone
+    # needs a gentler lr than new heads.
+    backbone_lr_mult: float = 1.0
+    backbone_warmup_steps: int = 0
     # AdamW kernel: "foreach" (multi-tensor, works everywhere) or "fused" (one kernel per
     # parameter group on CUDA; fewer launches, a lever for the optimiser's share of a step).
     implementation: str = "foreach"
@@ -122,6 +140,11 @@ class TrainRunConfig:
     log_every: int = 10
     # Stop (after checkpointing) once this step is done, as if preempted; 0 = run to `steps`.
     stop_after: int = 0
+    # Steps during which only the heads learn (the backbone's gradients are dropped before the
+    # optimizer: no update, no weight decay, no optimizer state). New heads on a loaded
+    # backbone give random targets first; letting them settle keeps those from tearing the
+    # features apart (the collapse users report when unfreezing at once).
+    freeze_backbone_steps: int = 0
 
 
 @dataclass
@@ -194,6 +217,19 @@ def validate(cfg: TrainConfig) -> None:
         (
             cfg.optim.scaling_rule in ("sqrt_wrt_1024", "linear_wrt_1024", "none"),
             "optim.scaling_rule must be sqrt_wrt_1024, linear_wrt_1024 or none",
+        ),
+        (cfg.train.freeze_backbone_steps >= 0, "train.freeze_backbone_steps must be >= 0"),
+        (
+            cfg.optim.backbone_lr_mult >= 0 and cfg.optim.backbone_warmup_steps >= 0,
+            "optim.backbone_lr_mult and optim.backbone_warmup_steps must be >= 0",
+        ),
+        (
+            cfg.model.trainable_blocks >= -1,
+            "model.trainable_blocks must be -1 (every block) or the number of last blocks",
+        ),
+        (
+            cfg.model.lora_rank >= 0 and cfg.model.lora_alpha > 0,
+            "model.lora_rank must be >= 0 and model.lora_alpha > 0",
         ),
         (
             cfg.optim.implementation in ("foreach", "fused"),

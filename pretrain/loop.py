@@ -58,6 +58,7 @@ def run_steps(
     batches, images_since_log = iter(loader), 0
     stream_stats: dict[int, dict[str, int]] = {}  # latest running totals per loader stream
     params = [p for p in student.parameters() if p.requires_grad]
+    backbone = optim.backbone_params(student)
     for step in range(start, end):
         batch = batch_to_device(next(batches), device, IMAGENET_MEAN, IMAGENET_STD)
         stream_stats[batch["stream"]] = batch["stream_stats"]
@@ -66,6 +67,8 @@ def run_steps(
         terms = arch.compute_losses(student, teacher, losses, batch, values.teacher_temp, cfg)
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
+        if schedules.backbone_frozen(step):  # heads only: train.freeze_backbone_steps
+            optim.drop_grads(backbone)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
         optimizer.step()
         arch.update_teacher(student, teacher, values.momentum)

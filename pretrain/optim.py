@@ -37,6 +37,9 @@ class StepValues:
     wd: float
     momentum: float
     teacher_temp: float
+    # The backbone's lr as a share of `lr`: 0 while it is frozen, then its own warm-up up to
+    # optim.backbone_lr_mult.
+    backbone_lr_scale: float = 1.0
 
 
 class Schedules:
@@ -50,6 +53,7 @@ class Schedules:
         self.freeze_last_layer = int(optim.freeze_last_layer_epochs * ipe)
         self.teacher_warmup = int(optim.warmup_teacher_temp_epochs * ipe)
         self.peak_lr = peak_lr(optim, global_batch)
+        self.freeze_backbone = train.freeze_backbone_steps
 
     def lr(self, step: int) -> float:
         if step < self.warmup:
@@ -63,6 +67,16 @@ class Schedules:
             return c.warmup_teacher_temp + frac * (c.teacher_temp - c.warmup_teacher_temp)
         return c.teacher_temp
 
+    def backbone_lr_scale(self, step: int) -> float:
+        if step < self.freeze_backbone:
+            return 0.0
+        warmup = self.cfg.backbone_warmup_steps
+        ramp = min(1.0, (step - self.freeze_backbone + 1) / warmup) if warmup else 1.0
+        return self.cfg.backbone_lr_mult * ramp
+
+    def backbone_frozen(self, step: int) -> bool:
+        return step < self.freeze_backbone
+
     def at(self, step: int) -> StepValues:
         c = self.cfg
         lr = self.lr(step)
@@ -72,6 +86,7 @@ class Schedules:
             wd=cosine(step, self.total, c.weight_decay, c.weight_decay_end),
             momentum=cosine(step, self.total, c.momentum_teacher, c.final_momentum_teacher),
             teacher_temp=self.teacher_temp(step),
+            backbone_lr_scale=self.backbone_lr_scale(step),
         )
 
 
@@ -103,7 +118,8 @@ def param_groups(student: nn.Module, cfg: OptimConfig, n_blocks: int) -> list[di
             lr_mult *= cfg.patch_embed_lr_mult
         wd_mult = 0.0 if no_weight_decay(name, param) else 1.0
         last = "last_layer" in name
-        key = (lr_mult, wd_mult, last)
+        backbone = name.startswith("backbone.")
+        key = (lr_mult, wd_mult, last, backbone)
         group = groups.setdefault(
             key,
             {
@@ -111,6 +127,7 @@ def param_groups(student: nn.Module, cfg: OptimConfig, n_blocks: int) -> list[di
                 "lr_multiplier": lr_mult,
                 "wd_multiplier": wd_mult,
                 "is_last_layer": last,
+                "is_backbone": backbone,
             },
         )
         group["params"].append(param)
@@ -128,5 +145,20 @@ def build_optimizer(student: nn.Module, cfg: OptimConfig, n_blocks: int) -> torc
 def apply_step_values(optimizer: torch.optim.Optimizer, values: StepValues) -> None:
     for group in optimizer.param_groups:
         lr = values.last_layer_lr if group["is_last_layer"] else values.lr
+        if group.get("is_backbone"):
+            lr *= values.backbone_lr_scale
         group["lr"] = lr * group["lr_multiplier"]
         group["weight_decay"] = values.wd * group["wd_multiplier"]
+
+
+def backbone_params(student: nn.Module) -> list[nn.Parameter]:
+    """The student backbone's trainable parameters (what train.freeze_backbone_steps holds)."""
+    return [
+        p for n, p in student.named_parameters() if n.startswith("backbone.") and p.requires_grad
+    ]
+
+
+def drop_grads(params: list[nn.Parameter]) -> None:
+    """No gradient: AdamW then skips the parameter (no update, no decay, no state)."""
+    for param in params:
+        param.grad = None

@@ -22,6 +22,7 @@ from pretrain.export import EXPORT_NAME, export_teacher
 from pretrain.logging_utils import MetricsLogger, setup_logging, train_flops_per_image
 from pretrain.loop import run_steps
 from pretrain.parallelize import build_mesh, init_distributed, parallelize
+from pretrain.pretrained import PretrainedWeights, apply_pretrained, read_pretrained
 
 log = logging.getLogger("pretrain.train")
 
@@ -41,12 +42,20 @@ def prepare_output_dir(cfg: TrainConfig, rank: int) -> Path:
     return out
 
 
-def train(cfg: TrainConfig) -> None:
+def fresh_start(cfg: TrainConfig) -> bool:
+    """No checkpoint to resume from in output_dir (model.pretrained is read only then)."""
+    return checkpoint.latest_checkpoint(Path(cfg.output_dir) / "checkpoints") is None
+
+
+def train(cfg: TrainConfig, pretrained: PretrainedWeights | None = None) -> None:
     rank, world, device = init_distributed(cfg.dist)
     setup_logging(rank)
     out = prepare_output_dir(cfg, rank)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     student, teacher = arch.build_student_teacher(cfg)
+    if pretrained is not None:
+        apply_pretrained(student, teacher, pretrained)
+    log_trainable(student, cfg)
     losses = arch.build_losses(cfg).to(device)
     signature = arch.model_signature(student, cfg)
     mesh = build_mesh(device, world)
@@ -97,14 +106,30 @@ def train(cfg: TrainConfig) -> None:
     logger.close()
 
 
+def log_trainable(student: arch.SSLModel, cfg: TrainConfig) -> None:
+    """One line: what trains, and the knobs of continued pretraining that decide it."""
+    params = list(student.backbone.parameters())
+    open_count = sum(p.numel() for p in params if p.requires_grad)
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    log.info(
+        "backbone: %d of %d parameters train (trainable_blocks=%d, lora_rank=%d); frozen for "
+        "the first %d steps, then lr x%g with a %d-step warm-up; pretrained=%s",
+        open_count, sum(p.numel() for p in params), m.trainable_blocks, m.lora_rank,
+        t.freeze_backbone_steps, o.backbone_lr_mult, o.backbone_warmup_steps, m.pretrained or "-",
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="DINOv2 pretraining (run under torchrun)")
     parser.add_argument("--config", required=True, help="configs/pretrain/<name>.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=200")
     args = parser.parse_args(argv)
     cfg = load_train_config(args.config, args.overrides)
+    # Before any process group: a bad model.pretrained is one clear error, not one per rank
+    # inside a collective.
+    pretrained = read_pretrained(cfg) if fresh_start(cfg) else None
     try:
-        train(cfg)
+        train(cfg, pretrained)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

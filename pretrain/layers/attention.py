@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 
 import torch
@@ -149,13 +150,30 @@ def resolve_attn_backend(requested: str) -> str:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, attn_backend: str = "auto") -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        attn_backend: str = "auto",
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
+        # LoRA: qkv(x) + scale * B A x (and the same on proj). B starts at zero, so a loaded
+        # backbone computes exactly what it did; `merged_weight` folds it in for export.
+        self.lora_rank = lora_rank
+        self.lora_scale = lora_alpha / lora_rank if lora_rank else 0.0
+        if lora_rank:
+            for name, out_features in (("qkv", dim * 3), ("proj", dim)):
+                down = nn.Parameter(torch.empty(lora_rank, dim))
+                nn.init.kaiming_uniform_(down, a=math.sqrt(5))  # as nn.Linear's own weights
+                setattr(self, f"{name}_lora_a", down)
+                setattr(self, f"{name}_lora_b", nn.Parameter(torch.zeros(out_features, lora_rank)))
         self.attn_backend = resolve_attn_backend(attn_backend)
         # The backend settled for a known device and dtype (see `resolve`), so that a compiled
         # forward never reaches the probe; None: decided at the first forward.
@@ -190,6 +208,18 @@ class Attention(nn.Module):
             return "xformers"
         return _auto_backend(x.device, dtype)
 
+    def _linear(self, name: str, x: Tensor) -> Tensor:
+        out = getattr(self, name)(x)
+        if self.lora_rank:
+            down, up = getattr(self, f"{name}_lora_a"), getattr(self, f"{name}_lora_b")
+            out = out + F.linear(F.linear(x, down), up) * self.lora_scale
+        return out
+
+    def merged_weight(self, name: str, weight: Tensor, down: Tensor, up: Tensor) -> Tensor:
+        """`name`'s weight with its LoRA update folded in (whole tensors, as in a state dict)."""
+        merged = weight.float() + self.lora_scale * (up.float() @ down.float())
+        return merged.to(weight.dtype)
+
     def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
         if isinstance(x, Tensor):
             return self.forward_list([x])[0]
@@ -202,19 +232,22 @@ class Attention(nn.Module):
 
     def _sdpa(self, x: Tensor) -> Tensor:
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        qkv = self._linear("qkv", x).reshape(
+            batch, tokens, 3, self.num_heads, dim // self.num_heads
+        )
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, Dh]
         out = F.scaled_dot_product_attention(q, k, v)  # [B, H, N, Dh]
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        return self._linear("proj", out.transpose(1, 2).reshape(batch, tokens, dim))
 
     def _packed_xformers(self, xs: list[Tensor]) -> list[Tensor]:
         ops = xformers_ops()
         dim = xs[0].shape[-1]
         bias = _block_diagonal_mask(tuple((x.shape[0], x.shape[1]) for x in xs), xs[0].device)
         packed = torch.cat([x.reshape(1, -1, dim) for x in xs], dim=1)  # [1, sum B_i*N_i, D]
-        qkv = self.qkv(packed).reshape(1, packed.shape[1], 3, self.num_heads, dim // self.num_heads)
+        qkv = self._linear("qkv", packed)
+        qkv = qkv.reshape(1, packed.shape[1], 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.unbind(2)  # each [1, T, H, Dh]
         out = ops.memory_efficient_attention(q, k, v, attn_bias=bias)  # [1, T, H, Dh]
-        out = self.proj(out.reshape(1, packed.shape[1], dim))
+        out = self._linear("proj", out.reshape(1, packed.shape[1], dim))
         pieces = out.split([x.shape[0] * x.shape[1] for x in xs], dim=1)
         return [p.reshape(x.shape) for p, x in zip(pieces, xs)]

@@ -48,10 +48,14 @@ class Block(nn.Module):
         layerscale_init: float | None = 1e-5,
         drop_path: float = 0.0,
         attn_backend: str = "auto",
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, attn_backend=attn_backend)
+        self.attn = Attention(
+            dim, num_heads, attn_backend=attn_backend, lora_rank=lora_rank, lora_alpha=lora_alpha
+        )
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = make_ffn(ffn_layer, dim, int(dim * mlp_ratio))

@@ -52,6 +52,8 @@ def build_backbone(
     embed_dim: int = 0,
     depth: int = 0,
     num_heads: int = 0,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
 ) -> VisionTransformer:
     """interpolate_offset / interpolate_antialias default to DINOv2's released settings:
     0.1 / False, or 0.0 / True for models with register tokens. embed_dim, depth and num_heads
@@ -72,6 +74,8 @@ def build_backbone(
         attn_backend=attn_backend,
         interpolate_offset=interpolate_offset,
         interpolate_antialias=interpolate_antialias,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
     )
 
 

@@ -42,8 +42,18 @@ def _full(tensor: Tensor) -> Tensor:
 
 
 def dinov2_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The backbone's weights as whole tensors under the official DINOv2 key names."""
-    return {key: _full(value) for key, value in model.state_dict().items()}
+    """The backbone's weights as whole tensors under the official DINOv2 key names (LoRA
+    updates, where the model has them, merged into the weights they adapt)."""
+    state = {key: _full(value) for key, value in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if not getattr(module, "lora_rank", 0):
+            continue
+        for linear in ("qkv", "proj"):
+            down = state.pop(f"{name}.{linear}_lora_a")
+            up = state.pop(f"{name}.{linear}_lora_b")
+            key = f"{name}.{linear}.weight"
+            state[key] = module.merged_weight(linear, state[key], down, up)
+    return state
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:

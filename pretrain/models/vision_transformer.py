@@ -67,6 +67,8 @@ class VisionTransformer(nn.Module):
         attn_backend: str = "auto",
         interpolate_offset: float | None = None,
         interpolate_antialias: bool | None = None,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -107,6 +109,8 @@ class VisionTransformer(nn.Module):
                 layerscale_init,
                 drop_path_rate,
                 attn_backend,
+                lora_rank,
+                lora_alpha,
             )
             for _ in range(depth)
         )
