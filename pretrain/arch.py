@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from torch.nn import functional as F
 
 from pretrain.config import TrainConfig
 from pretrain.layers import DINOHead
@@ -21,7 +22,7 @@ from pretrain.models import build_backbone
 
 
 class SSLModel(nn.Module):
-    def __init__(self, cfg: TrainConfig, drop_path_rate: float) -> None:
+    def __init__(self, cfg: TrainConfig, drop_path_rate: float, distill_dim: int = 0) -> None:
         super().__init__()
         m, h = cfg.model, cfg.head
         self.backbone = build_backbone(
@@ -46,6 +47,8 @@ class SSLModel(nn.Module):
             if h.separate_ibot_head
             else None
         )
+        # Feature distillation: the student's tokens projected to the teacher's width.
+        self.distill_proj = nn.Linear(dim, distill_dim) if distill_dim else None
 
     def forward(
         self,
@@ -53,11 +56,19 @@ class SSLModel(nn.Module):
         local_crops: Tensor | None,
         masks: Tensor | None,
         mask_indices: Tensor,
+        features_only: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns (global CLS [2B, D], CLS logits [2B + nL*B, K], masked-patch logits [M, K])."""
+        """Returns (global CLS [2B, D], CLS logits [2B + nL*B, K], masked-patch logits [M, K]);
+        with features_only, (global CLS [2B, D'], global patch tokens [2B, N, D'], empty), D'
+        the distillation projection's width where there is one."""
         crops = [global_crops] if local_crops is None else [global_crops, local_crops]
         crop_masks = [masks] if local_crops is None else [masks, None]
         outputs = self.backbone.forward_features(crops, masks=crop_masks)
+        if features_only:  # inside forward: FSDP2 has the root's parameters gathered here
+            cls, patches = outputs[0]["x_norm_clstoken"], outputs[0]["x_norm_patchtokens"]
+            if self.distill_proj is not None:
+                cls, patches = self.distill_proj(cls), self.distill_proj(patches)
+            return cls, patches, cls.new_zeros(0)
         global_cls = outputs[0]["x_norm_clstoken"]  # [2B, D]
         cls_tokens = torch.cat([o["x_norm_clstoken"] for o in outputs])  # [2B + nL*B, D]
         patches = outputs[0]["x_norm_patchtokens"]  # [2B, N, D]
@@ -81,9 +92,9 @@ def build_losses(cfg: TrainConfig) -> nn.ModuleDict:
     )
 
 
-def build_student_teacher(cfg: TrainConfig) -> tuple[SSLModel, SSLModel]:
-    student = SSLModel(cfg, cfg.model.drop_path_rate)
-    teacher = SSLModel(cfg, 0.0)
+def build_student_teacher(cfg: TrainConfig, distill_dim: int = 0) -> tuple[SSLModel, SSLModel]:
+    student = SSLModel(cfg, cfg.model.drop_path_rate, distill_dim)
+    teacher = SSLModel(cfg, 0.0, distill_dim)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     set_trainable(student, cfg)
@@ -146,6 +157,19 @@ def _teacher_targets(
     return list(cls_probs.chunk(2)), patch_probs
 
 
+def feature_distill_losses(student: SSLModel, target: SSLModel, batch: dict) -> LossTerms:
+    """Cosine distance of the student's projected CLS and patch tokens to a frozen teacher's,
+    on the global crops (unmasked; the same patch grid for both)."""
+    crops, empty = batch["collated_global_crops"], batch["mask_indices_list"][:0]
+    with torch.no_grad():
+        t_cls, t_patches, _ = target(crops, None, None, empty, features_only=True)
+    s_cls, s_patches, _ = student(crops, None, None, empty, features_only=True)
+    cls = 1 - F.cosine_similarity(s_cls.float(), t_cls.float(), dim=-1).mean()
+    patches = 1 - F.cosine_similarity(s_patches.float(), t_patches.float(), dim=-1).mean()
+    zero = cls.new_zeros(())
+    return LossTerms(total=cls + patches, dino=cls, ibot=patches, koleo=zero)
+
+
 def compute_losses(
     student: SSLModel,
     teacher: SSLModel,
@@ -153,10 +177,16 @@ def compute_losses(
     batch: dict,
     teacher_temp: float,
     cfg: TrainConfig,
+    target: SSLModel | None = None,
 ) -> LossTerms:
+    """The step's losses. `target`: a frozen distillation teacher, whose heads give the DINO and
+    iBOT targets (distill.mode=dino) or whose tokens the student's learn (features) in place of
+    the EMA teacher's."""
+    if target is not None and getattr(target, "distill_mode", "dino") == "features":
+        return feature_distill_losses(student, target, batch)
     n_local = cfg.crops.local_crops_number
     teacher_probs, teacher_patch_probs = _teacher_targets(
-        teacher, losses, batch, teacher_temp, cfg.loss.centering
+        target if target is not None else teacher, losses, batch, teacher_temp, cfg.loss.centering
     )
     local_crops = batch["collated_local_crops"] if n_local > 0 else None
     global_cls, cls_logits, patch_logits = student(

@@ -157,6 +157,19 @@ class DistConfig:
 
 
 @dataclass
+class DistillConfig:
+    # A frozen teacher to distill into this config's model (another size, the same patch):
+    # a dinoforge run directory (its teacher and heads: DINOv2-style distillation, the student
+    # learns the teacher's DINO/iBOT targets; head.* must match the run's) or a backbone file
+    # (official DINOv2 layout: feature distillation, the student's CLS and patch tokens,
+    # projected to the teacher's width, learn the teacher's by cosine). Empty: no distillation.
+    teacher: str = ""
+    mode: str = (
+        "auto"  # auto (dino for a run directory with heads, else features) | dino | features
+    )
+
+
+@dataclass
 class CheckpointConfig:
     keep_last: int = 3
     # Keys whose change between the saved config and this run is fine when resuming.
@@ -195,6 +208,7 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -230,6 +244,10 @@ def validate(cfg: TrainConfig) -> None:
         (
             cfg.model.lora_rank >= 0 and cfg.model.lora_alpha > 0,
             "model.lora_rank must be >= 0 and model.lora_alpha > 0",
+        ),
+        (
+            cfg.distill.mode in ("auto", "dino", "features"),
+            "distill.mode must be auto, dino or features",
         ),
         (
             cfg.optim.implementation in ("foreach", "fused"),

@@ -51,6 +51,7 @@ def run_steps(
     start: int,
     meta: dict,
     device: torch.device,
+    target: SSLModel | None = None,
 ) -> None:
     """Steps start..end (train.steps, or train.stop_after when set), checkpointing at `end`."""
     tc = cfg.train
@@ -64,7 +65,9 @@ def run_steps(
         stream_stats[batch["stream"]] = batch["stream_stats"]
         values = schedules.at(step)
         optim.apply_step_values(optimizer, values)
-        terms = arch.compute_losses(student, teacher, losses, batch, values.teacher_temp, cfg)
+        terms = arch.compute_losses(
+            student, teacher, losses, batch, values.teacher_temp, cfg, target=target
+        )
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         if schedules.backbone_frozen(step):  # heads only: train.freeze_backbone_steps

@@ -18,6 +18,7 @@ from pretrain import arch, checkpoint, optim
 from pretrain.config import TrainConfig, load_train_config
 from pretrain.configtools import save_config, to_dict
 from pretrain.data.loader import build_pretrain_loader
+from pretrain.distill import DistillTeacher, build_target, read_teacher
 from pretrain.export import EXPORT_NAME, export_teacher
 from pretrain.logging_utils import MetricsLogger, setup_logging, train_flops_per_image
 from pretrain.loop import run_steps
@@ -47,12 +48,19 @@ def fresh_start(cfg: TrainConfig) -> bool:
     return checkpoint.latest_checkpoint(Path(cfg.output_dir) / "checkpoints") is None
 
 
-def train(cfg: TrainConfig, pretrained: PretrainedWeights | None = None) -> None:
+def train(
+    cfg: TrainConfig,
+    pretrained: PretrainedWeights | None = None,
+    distill_teacher: DistillTeacher | None = None,
+) -> None:
     rank, world, device = init_distributed(cfg.dist)
     setup_logging(rank)
     out = prepare_output_dir(cfg, rank)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    student, teacher = arch.build_student_teacher(cfg)
+    features = distill_teacher is not None and distill_teacher.mode == "features"
+    student, teacher = arch.build_student_teacher(
+        cfg, distill_dim=distill_teacher.width if features else 0
+    )
     if pretrained is not None:
         apply_pretrained(student, teacher, pretrained)
     log_trainable(student, cfg)
@@ -61,6 +69,9 @@ def train(cfg: TrainConfig, pretrained: PretrainedWeights | None = None) -> None
     mesh = build_mesh(device, world)
     parallelize(student, cfg.dist, device, mesh, train=True)
     parallelize(teacher, cfg.dist, device, mesh, train=False)
+    target = None
+    if distill_teacher is not None:
+        target = parallelize(build_target(distill_teacher), cfg.dist, device, mesh, train=False)
     n_blocks = student.backbone.n_blocks
     optimizer = optim.build_optimizer(student, cfg.optim, n_blocks)
     schedules = optim.Schedules(cfg.optim, cfg.train, cfg.data.batch_size_per_rank * world)
@@ -97,8 +108,9 @@ def train(cfg: TrainConfig, pretrained: PretrainedWeights | None = None) -> None
         tensorboard=cfg.logging.tensorboard, flops_per_image=flops, world_size=world,
     )  # fmt: skip
     run_steps(
-        cfg, student, teacher, losses, optimizer, schedules, loader, logger, start, meta, device
-    )
+        cfg, student, teacher, losses, optimizer, schedules, loader, logger, start, meta, device,
+        target=target,
+    )  # fmt: skip
     if cfg.train.stop_after == 0 or cfg.train.stop_after >= cfg.train.steps:
         path = export_teacher(teacher, cfg, out / EXPORT_NAME)
         if path is not None:
@@ -128,8 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     # Before any process group: a bad model.pretrained is one clear error, not one per rank
     # inside a collective.
     pretrained = read_pretrained(cfg) if fresh_start(cfg) else None
+    distill_teacher = read_teacher(cfg)  # every run: the targets come from it
     try:
-        train(cfg, pretrained)
+        train(cfg, pretrained, distill_teacher)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
