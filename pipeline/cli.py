@@ -7,9 +7,13 @@
     python -m pipeline manifest {summary,shards,failures,validate,clusters} RUN [--json]
     python -m pipeline manifest gallery RUN [--out PAGE.html]     # a static page of the curation
     python -m pipeline fork RUN NEW_RUN --through cluster    # NEW_RUN reuses RUN's finished stages
+    python -m pipeline submit CONFIG [key=value ...] --address http://HEAD:8265 \
+        [--runtime-env code|pip|none|FILE] [--image URI] [--no-wait]   # a Ray job: pipeline/submit.py
+    python -m pipeline status JOB_ID [--json]      # and: logs JOB_ID [--follow]; both take --address
 
 Every input problem (config, URL file, column, empty list, a stage's changed settings) is
-reported before Ray starts.
+reported before Ray starts; `submit` checks the config, its paths and the cluster's address and
+authentication before the job is sent.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 from pathlib import Path
 
 from pipeline import plan
+from pipeline import submit as jobs
 from pipeline.config import (
     PipelineConfig,
     check_crawl_config,
@@ -57,7 +62,31 @@ def _parser() -> argparse.ArgumentParser:
     fork.add_argument("--through", default="cluster", help="last stage to reuse (cluster)")
     fork.add_argument("--exist-ok", action="store_true",
                       help="succeed when NEW_RUN_DIR was already forked from those stages")  # fmt: skip
+    _job_parsers(sub)
     return parser
+
+
+def _job_parsers(sub: argparse._SubParsersAction) -> None:
+    address = "the head's job API, http://HEAD:8265 (else RAY_API_SERVER_ADDRESS, RAY_ADDRESS)"
+    submit = sub.add_parser("submit", help="run a recipe on a Ray cluster as a Ray job")
+    submit.add_argument("config", help="YAML recipe, e.g. configs/pipeline/crawl.yaml")
+    submit.add_argument("overrides", nargs="*", help="key=value overrides (absolute paths)")
+    submit.add_argument("--address", default=None, help=address)
+    submit.add_argument("--runtime-env", default=None, metavar="code|pip|none|FILE",
+                        help="what the job carries (pipeline/submit.py): this checkout's code "
+                        "(code, the default), code + its dependencies by pip (pip), nothing "
+                        "(none, the default with --image), or a runtime_env YAML/JSON file")  # fmt: skip
+    submit.add_argument("--image", default="", help="container image holding dinoforge (image_uri)")
+    submit.add_argument("--job-id", default=None, help="submission id (default: Ray's)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    status = sub.add_parser("status", help="a Ray job's status")
+    status.add_argument("job_id")
+    status.add_argument("--address", default=None, help=address)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    logs = sub.add_parser("logs", help="a Ray job's log")
+    logs.add_argument("job_id")
+    logs.add_argument("--address", default=None, help=address)
+    logs.add_argument("--follow", action="store_true", help="keep printing until the job ends")
 
 
 def prepare_run(config: str, overrides: list[str]) -> tuple[PipelineConfig, int]:
@@ -65,6 +94,16 @@ def prepare_run(config: str, overrides: list[str]) -> tuple[PipelineConfig, int]
     Returns the config and the number of input rows (0 when the crawl is not planned)."""
     cfg = load_config(PipelineConfig, config, overrides)
     stages = plan.check_plan(cfg, RunLayout(cfg.output_dir))
+    check_sections(cfg, stages)
+    if "embed" in stages or (set(stages) & {"semdedup", "curate"} and _needs_model(cfg)):
+        _check_checkpoint(cfg.embed.checkpoint)
+    _check_image_sets(cfg, stages)
+    total = check_input(cfg.input) if "crawl" in stages else 0
+    return cfg, total
+
+
+def check_sections(cfg: PipelineConfig, stages: list[str]) -> None:
+    """The settings of every planned stage, in range: no file is read."""
     try:
         check_ray_config(cfg.ray)
         if "crawl" in stages:
@@ -88,11 +127,6 @@ def prepare_run(config: str, overrides: list[str]) -> tuple[PipelineConfig, int]
             check_curate_config(cfg.curate)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if "embed" in stages or (set(stages) & {"semdedup", "curate"} and _needs_model(cfg)):
-        _check_checkpoint(cfg.embed.checkpoint)
-    _check_image_sets(cfg, stages)
-    total = check_input(cfg.input) if "crawl" in stages else 0
-    return cfg, total
 
 
 def _check_image_sets(cfg: PipelineConfig, stages: list[str]) -> None:
@@ -147,6 +181,29 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if summary["ok"] else 1
 
 
+def _submit(args: argparse.Namespace) -> int:
+    """Check what can be checked here (the config, strictly; its paths), then submit. The run
+    directory and the inputs live on the cluster's storage: the job checks them there."""
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    check_sections(cfg, plan.resolve_plan(cfg))
+    mode = args.runtime_env or ("none" if args.image else "code")
+    runtime_env = jobs.build_runtime_env(mode, image=args.image)
+    project = Path(runtime_env["working_dir"]) if "working_dir" in runtime_env else None
+    jobs.check_cluster_paths(cfg, project)
+    entry = jobs.entrypoint(args.config, args.overrides, project)
+    return jobs.submit(args.address, entry, runtime_env, args.job_id, wait=not args.no_wait)
+
+
+def _job(args: argparse.Namespace) -> int:
+    if args.command == "logs":
+        final = jobs.logs(args.address, args.job_id, args.follow)
+    else:
+        report = jobs.status(args.address, args.job_id)
+        print(jobs.dump(report) if args.json else jobs.render_status(report))
+        final = report["status"]
+    return 1 if final in ("FAILED", "STOPPED") else 0
+
+
 def _manifest(args: argparse.Namespace) -> int:
     from pipeline import manifest
 
@@ -170,14 +227,23 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("faiss").setLevel(logging.WARNING)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # `submit CONFIG --address URL key=value`: overrides after an option are overrides still.
+    if extra and (args.command != "submit" or any(e.startswith("-") or "=" not in e
+                                                  for e in extra)):  # fmt: skip
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         if args.command == "fork":
             stages = plan.fork_run(args.run_dir, args.new_run_dir, args.through, args.exist_ok)
             print(f"{args.new_run_dir}: reuses {', '.join(stages)} of {args.run_dir}")
             return 0
+        if args.command in ("submit", "status", "logs"):
+            return _submit(args) if args.command == "submit" else _job(args)
         return _run(args) if args.command == "run" else _manifest(args)
-    except (ConfigError, InputError) as exc:
+    except (ConfigError, InputError, jobs.SubmitError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # bad data met by a stage (empty pool, seeds of another model...)

@@ -79,7 +79,7 @@ def _stop_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
+    except (subprocess.TimeoutExpired, ProcessLookupError):  # ProcessLookupError: all gone
         pass
     finally:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,3 +83,32 @@ def test_ray_job_submit_runs_the_whole_curation(ray_dashboard, image_server, sma
     assert backbone["sha256"] == file_sha256(fixture) and backbone["source"] == str(fixture)
     shards = (out / "train_shards.txt").read_text().split()
     assert shards == [f"curated/shards/{i:06d}.tar" for i in range(3)]
+
+
+def test_pipeline_submit_runs_the_crawl_and_reports_it(ray_dashboard, image_server, url_file,
+                                                       tmp_path):  # fmt: skip
+    """`python -m pipeline submit` from outside the checkout: the job carries the project (the
+    default `code` runtime_env), its id comes first, the log follows, then status and logs."""
+    urls = url_file(
+        tmp_path / "urls.parquet", [image_server.url(f"img/{i:06d}.jpg") for i in range(4)]
+    )
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    result = cli("submit", str(REPO / "configs/pipeline/crawl.yaml"), f"input.urls={urls}",
+                 f"output_dir={out}", "--address", ray_dashboard,
+                 "crawl.allow_private_networks=true", "crawl.shard_size=2")  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    job = result.stdout.splitlines()[0]
+    assert job.startswith("raysubmit_")
+    assert "crawl finished: 2 shards crawled" in result.stdout
+    assert f"job {job}: SUCCEEDED" in result.stderr
+    assert pq.read_table(sorted((out / "crawl").glob("*.parquet"))).num_rows == 4
+    status = cli("status", job, "--address", ray_dashboard, "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["status"] == "SUCCEEDED"
+    logs = cli("logs", job, "--address", ray_dashboard)
+    assert logs.returncode == 0 and "crawl finished" in logs.stdout
