@@ -40,19 +40,15 @@ GEOMETRIES = {
 MODES = ("before", "uint8", "device")  # loader output: normalized, uint8, geometric
 
 
-def photo_samples(n: int, size: int, seed: int = 0):
-    """Random crops of the photographs shipped with scikit-image, resized to `size` px."""
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
+def photo_samples(n: int, size: int, seed: int = 0, names: tuple[str, ...] = PHOTOS):
+    """(key, photo index, image): random square crops of the photographs shipped with
+    scikit-image (half their short side to all of it), resized to `size` px."""
     from PIL import Image
     from skimage import data
 
-    names = [
-        "astronaut",
-        "coffee",
-        "chelsea",
-        "rocket",
-        "hubble_deep_field",
-        "immunohistochemistry",
-    ]
     photos = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in names]
     rng = random.Random(seed)
     for i in range(n):
@@ -60,7 +56,7 @@ def photo_samples(n: int, size: int, seed: int = 0):
         side = rng.randint(min(photo.size) // 2, min(photo.size))
         x, y = rng.randint(0, photo.width - side), rng.randint(0, photo.height - side)
         crop = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
-        yield f"{i:08d}", i % len(photos), crop
+        yield f"{seed:04d}{i:08d}", i % len(photos), crop
 
 
 def write_data(out: Path, geometry: dict, n: int) -> str:

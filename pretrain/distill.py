@@ -23,7 +23,11 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from pretrain.config import TrainConfig
-from pretrain.models.dinov2_checkpoint import dinov2_arch_from_state_dict, read_state_dict
+from pretrain.models.dinov2_checkpoint import (
+    dinov2_arch_from_state_dict,
+    read_num_heads,
+    read_state_dict,
+)
 from pretrain.pretrained import PretrainedError, _resample_positions, _run_teacher_state
 
 log = logging.getLogger(__name__)
@@ -39,8 +43,8 @@ class DistillTeacher:
 
 def _teacher_cfg(cfg: TrainConfig, **model: object) -> TrainConfig:
     """This run's config with the teacher's backbone (tiny heads: features mode uses none)."""
-    t = OmegaConf.merge(cfg, {"model": {**model, "embed_dim": 0, "depth": 0, "num_heads": 0,
-                                        "lora_rank": 0, "trainable_blocks": -1, "pretrained": ""},
+    t = OmegaConf.merge(cfg, {"model": {"embed_dim": 0, "depth": 0, "num_heads": 0, "lora_rank": 0,
+                                        "trainable_blocks": -1, "pretrained": "", **model},
                               "head": {"out_dim": 8, "ibot_out_dim": 8, "hidden_dim": 8,
                                        "bottleneck_dim": 8, "separate_ibot_head": False}})  # fmt: skip
     return t
@@ -81,12 +85,13 @@ def read_teacher(cfg: TrainConfig) -> DistillTeacher | None:
         try:
             file = path / "teacher_backbone.safetensors" if path.is_dir() else path
             backbone = read_state_dict(file)
-            arch = dinov2_arch_from_state_dict(backbone)
+            arch = dinov2_arch_from_state_dict(backbone, num_heads=read_num_heads(file))
         except (OSError, ValueError, KeyError) as exc:
             raise PretrainedError(f"distill.teacher={source}: {exc}") from exc
         t_cfg = _teacher_cfg(cfg, arch=arch["name"], patch_size=arch["patch_size"],
                              num_register_tokens=arch["num_register_tokens"],
-                             ffn_layer=arch["ffn_layer"])  # fmt: skip
+                             ffn_layer=arch["ffn_layer"],
+                             **{k: arch[k] for k in ("embed_dim", "depth", "num_heads") if k in arch})  # fmt: skip
         grid = cfg.crops.global_crops_size // arch["patch_size"]
         backbone["pos_embed"] = _resample_positions(backbone["pos_embed"], grid)
         state = {f"backbone.{k}": v for k, v in backbone.items()}

@@ -23,6 +23,7 @@ from pretrain.models.dinov2_checkpoint import (
     CheckpointKeyError,
     dinov2_arch_from_state_dict,
     load_dinov2_state_dict,
+    read_num_heads,
     read_state_dict,
 )
 from pretrain.models.loading import LoadedBackbone, load_backbone
@@ -92,7 +93,7 @@ def _backbone_from_file(path: Path, attn_backend: str) -> tuple[str, VisionTrans
     resolve_attn_backend(attn_backend)  # a bad backend is not the file's fault
     state = read_state_dict(path)  # its errors name the file
     try:
-        arch = dinov2_arch_from_state_dict(state)
+        arch = dinov2_arch_from_state_dict(state, num_heads=read_num_heads(path))
         name = arch.pop("name")
         model = build_backbone(name, attn_backend=attn_backend, **arch)
         load_dinov2_state_dict(model, state)

@@ -179,14 +179,30 @@ def save_dinov2_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(state, str(tmp))
+            # num_heads is not in the tensors' shapes: recorded so that a custom size (an
+            # arch with model.embed_dim/depth/num_heads overrides) loads back as it trained.
+            save_file(state, str(tmp), metadata={"num_heads": str(model.num_heads)})
         else:
             torch.save(state, tmp)
 
 
-def dinov2_arch_from_state_dict(state: Mapping[str, Tensor]) -> dict:
+def read_num_heads(path: str | os.PathLike) -> int | None:
+    """The head count a dinoforge .safetensors export records in its metadata, or None."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            value = (f.metadata() or {}).get("num_heads")
+    except Exception:  # noqa: BLE001 - unreadable here: read_state_dict names the problem
+        return None
+    return int(value) if value and value.isdigit() else None
+
+
+def dinov2_arch_from_state_dict(state: Mapping[str, Tensor], num_heads: int | None = None) -> dict:
     """build_backbone keyword arguments that fit a DINOv2-layout state dict (every official size
-    has 64-dim heads)."""
+    has 64-dim heads). A size no arch has needs `num_heads` (from the file's metadata)."""
     from pretrain.models import ARCHS
 
     state = _strip_wrapper_prefix(dict(state))
@@ -208,10 +224,18 @@ def dinov2_arch_from_state_dict(state: Mapping[str, Tensor]) -> dict:
         raise CheckpointKeyError("not a DINOv2 ViT backbone state dict: no blocks.{i}.* keys")
     depth = 1 + max(blocks)
     names = [n for n, a in ARCHS.items() if a["embed_dim"] == embed_dim and a["depth"] == depth]
+    size = {}
     if not names:
-        raise ValueError(f"no known ViT size has embed_dim {embed_dim} and depth {depth}")
+        if not num_heads:
+            raise ValueError(
+                f"no known ViT size has embed_dim {embed_dim} and depth {depth} (a custom size "
+                "loads from a dinoforge .safetensors export, which records its head count)"
+            )
+        names = ["vit_test"]  # any arch: every size setting is overridden
+        size = {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}
     return {
         "name": names[0],
+        **size,
         "patch_size": patch_size,
         "img_size": grid * patch_size,
         "num_register_tokens": state["register_tokens"].shape[1]

@@ -400,3 +400,20 @@ def test_load_backbone_imports_nothing_else_of_pretrain(tmp_path):
     ).stdout.split()
     outside = [m for m in out if m != "pretrain" and not m.startswith(ALLOWED_IMPORTS)]
     assert outside == [], out
+
+
+def test_a_custom_size_export_loads_back_with_its_head_count(tmp_path):
+    """model.embed_dim/depth/num_heads runs: the .safetensors export records num_heads."""
+    from pretrain.models import build_backbone, load_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone("vit_test", img_size=56, embed_dim=32, depth=2, num_heads=2).eval()
+    path = tmp_path / "thin.safetensors"
+    model.save_dinov2_checkpoint(path)
+    loaded = load_backbone(path).model
+    assert (loaded.embed_dim, loaded.n_blocks, loaded.num_heads) == (32, 2, 2)
+    x = torch.randn(1, 3, 56, 56)
+    torch.testing.assert_close(loaded(x), model(x))
+    model.save_dinov2_checkpoint(tmp_path / "thin.pth")  # a .pth carries no metadata
+    with pytest.raises(ValueError, match="records its head count"):
+        load_backbone(tmp_path / "thin.pth")
