@@ -66,6 +66,12 @@ DEMO_TRAIN = $(TORCHRUN) --standalone --nproc-per-node 2 -m pretrain.train \
 	--config configs/pretrain/vit_tiny_cpu.yaml train.steps=$(DEMO_STEPS)
 DEMO_KNN = $(PY) -m pretrain.eval knn --ks 10,20 --train $(DEMO_DIR)/eval/train \
 	--val $(DEMO_DIR)/eval/val
+# Round 1 continues from round 0 (its teacher and heads: configs/pretrain/continue_tiny_cpu.yaml,
+# heads first, then the backbone at a tenth of the lr); with EMBEDDER (another architecture than
+# the tiny recipe's) it trains from random init as before.
+DEMO_ROUND1 = $(if $(EMBEDDER),$(DEMO_TRAIN),$(TORCHRUN) --standalone --nproc-per-node 2 \
+	-m pretrain.train --config configs/pretrain/continue_tiny_cpu.yaml train.steps=$(DEMO_STEPS) \
+	model.pretrained=$(DEMO_DIR)/round0)
 demo: setup  ## the whole flow: crawl, bootstrap embedder, curate on Ray, pretrain on it vs random
 	@echo "== 1. simulated web, seed and eval sets; crawl + exact/pHash dedup on local Ray"
 	$(PY) -m pipeline.demo crawl --output-dir $(DEMO_DIR) --images $(DEMO_IMAGES) \
@@ -81,9 +87,10 @@ demo: setup  ## the whole flow: crawl, bootstrap embedder, curate on Ray, pretra
 	$(PY) -m pipeline fork $(DEMO_RUN) $(DEMO_DIR)/random --through cluster --exist-ok
 	$(PY) -m pipeline run configs/pipeline/curate.yaml output_dir=$(DEMO_DIR)/random \
 	    $(DEMO_CURATE) stages=[curate,write] curate.mode=random
-	@echo "== 4. round 1: pretrain on the curated shards, and on the random sample"
-	$(DEMO_TRAIN) data.shards=$(DEMO_RUN) output_dir=$(DEMO_DIR)/round1_curated
-	$(DEMO_TRAIN) data.shards=$(DEMO_DIR)/random output_dir=$(DEMO_DIR)/round1_random
+	@echo "== 4. round 1: continue round 0 on the curated shards, and on the random sample"
+	$(DEMO_ROUND1) data.shards=$(DEMO_RUN) output_dir=$(DEMO_DIR)/round1_curated
+	$(DEMO_ROUND1) data.shards=$(DEMO_DIR)/random output_dir=$(DEMO_DIR)/round1_random
+	$(if $(EMBEDDER),@true,$(DEMO_KNN) --checkpoint $(DEMO_DIR)/round0 --output $(DEMO_DIR)/knn_round0.json)
 	$(DEMO_KNN) --checkpoint $(DEMO_DIR)/round1_curated --output $(DEMO_DIR)/knn_curated.json
 	$(DEMO_KNN) --checkpoint $(DEMO_DIR)/round1_random --output $(DEMO_DIR)/knn_random.json
 	$(DEMO_KNN) --checkpoint $(DEMO_DIR)/round1_curated --random-init \

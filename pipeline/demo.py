@@ -161,7 +161,7 @@ def report(output_dir: Path) -> dict:
     if (control / "curated" / "manifest.parquet").exists():
         out["random"] = curated_composition(control)
     out["knn"] = {}
-    for name in ("curated", "random", "random_init"):
+    for name in ("round0", "curated", "random", "random_init"):
         path = output_dir / f"knn_{name}.json"
         if path.exists():
             out["knn"][name] = json.loads(path.read_text())
@@ -201,9 +201,10 @@ def render_report(out: dict) -> str:
     if out["knn"]:
         ks = sorted({k for r in out["knn"].values() for k in r if k.startswith("knn_top1")})
         lines += ["", "k-NN top-1 on the seed domain (held-aside crops, label = photograph):", "",
-                  "| round-1 backbone | " + " | ".join(k.replace("knn_top1_", "") for k in ks)
+                  "| backbone | " + " | ".join(k.replace("knn_top1_", "") for k in ks)
                   + " |", "|---" * (len(ks) + 1) + "|"]  # fmt: skip
-        names = {"curated": "trained on the curated set", "random": "trained on the random sample",
+        names = {"round0": "round 0 (bootstrap, raw crawl)",
+                 "curated": "round 1 on the curated set", "random": "round 1 on the random sample",
                  "random_init": "random init"}  # fmt: skip
         for name, result in out["knn"].items():
             cells = " | ".join(f"{result[k]:.3f}" if k in result else "-" for k in ks)
