@@ -111,4 +111,4 @@ def test_demo_curation_control_and_report(demo_dir, ray_address):
     assert counts["kept_pool"] + counts["semantic_duplicates"] == counts["embedded"]
     assert out["knn"] == {"curated": {"knn_top1_k10": 0.5}}
     text = (demo_dir / "report.md").read_text()
-    assert "retrieval precision" in text and "| trained on the curated set | 0.500 |" in text
+    assert "retrieval precision" in text and "| round 1 on the curated set | 0.500 |" in text
