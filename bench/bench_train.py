@@ -50,18 +50,15 @@ def worker(args: argparse.Namespace) -> None:
     from pretrain.data.loader import build_pretrain_loader
     from pretrain.data.photometric import batch_to_device
     from pretrain.logging_utils import device_peak_flops, train_flops_per_image
-    from pretrain.parallelize import build_mesh, init_distributed, parallelize
+    from pretrain.parallelize import init_distributed
+    from pretrain.train import build_job
 
     cfg = load_train_config(args.config, args.overrides)
     rank, world, device = init_distributed(cfg.dist)
     torch.manual_seed(0)
-    student, teacher = arch.build_student_teacher(cfg)
-    losses = arch.build_losses(cfg).to(device)
-    mesh = build_mesh(device, world)
-    parallelize(student, cfg.dist, device, mesh, train=True)
-    parallelize(teacher, cfg.dist, device, mesh, train=False)
-    opt = optim.build_optimizer(student, cfg.optim, student.backbone.n_blocks)
-    sched = optim.Schedules(cfg.optim, cfg.train, cfg.data.batch_size_per_rank * world)
+    job = build_job(cfg, device, world)
+    student, teacher, losses, opt, sched = (job.student, job.teacher, job.losses, job.optimizer,
+                                            job.schedules)  # fmt: skip
     loader = build_pretrain_loader(
         cfg, rank=rank, world_size=world, start_batch=0, device_type=device.type
     )[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,6 +49,44 @@ def fresh_start(cfg: TrainConfig) -> bool:
     return checkpoint.latest_checkpoint(Path(cfg.output_dir) / "checkpoints") is None
 
 
+@dataclass
+class Job:
+    student: arch.SSLModel
+    teacher: arch.SSLModel
+    losses: torch.nn.ModuleDict
+    optimizer: torch.optim.Optimizer
+    schedules: optim.Schedules
+    target: arch.SSLModel | None  # the frozen distillation teacher, if any
+
+
+def build_job(
+    cfg: TrainConfig,
+    device: torch.device,
+    world: int,
+    pretrained: PretrainedWeights | None = None,
+    distill_teacher: DistillTeacher | None = None,
+) -> Job:
+    """The models (started from `pretrained`, sharded with FSDP2 over the world's mesh), the
+    losses, AdamW and the schedules of one training run; the process group exists already."""
+    features = distill_teacher is not None and distill_teacher.mode == "features"
+    student, teacher = arch.build_student_teacher(
+        cfg, distill_dim=distill_teacher.width if features else 0
+    )
+    if pretrained is not None:
+        apply_pretrained(student, teacher, pretrained)
+    log_trainable(student, cfg)
+    losses = arch.build_losses(cfg).to(device)
+    mesh = build_mesh(device, world)
+    parallelize(student, cfg.dist, device, mesh, train=True)
+    parallelize(teacher, cfg.dist, device, mesh, train=False)
+    target = None
+    if distill_teacher is not None:
+        target = parallelize(build_target(distill_teacher), cfg.dist, device, mesh, train=False)
+    optimizer = optim.build_optimizer(student, cfg.optim, student.backbone.n_blocks)
+    schedules = optim.Schedules(cfg.optim, cfg.train, cfg.data.batch_size_per_rank * world)
+    return Job(student, teacher, losses, optimizer, schedules, target)
+
+
 def train(
     cfg: TrainConfig,
     pretrained: PretrainedWeights | None = None,
@@ -57,24 +96,10 @@ def train(
     setup_logging(rank)
     out = prepare_output_dir(cfg, rank)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    features = distill_teacher is not None and distill_teacher.mode == "features"
-    student, teacher = arch.build_student_teacher(
-        cfg, distill_dim=distill_teacher.width if features else 0
-    )
-    if pretrained is not None:
-        apply_pretrained(student, teacher, pretrained)
-    log_trainable(student, cfg)
-    losses = arch.build_losses(cfg).to(device)
+    job = build_job(cfg, device, world, pretrained, distill_teacher)
+    student, teacher, losses, optimizer = job.student, job.teacher, job.losses, job.optimizer
+    schedules, target, n_blocks = job.schedules, job.target, student.backbone.n_blocks
     signature = arch.model_signature(student, cfg)
-    mesh = build_mesh(device, world)
-    parallelize(student, cfg.dist, device, mesh, train=True)
-    parallelize(teacher, cfg.dist, device, mesh, train=False)
-    target = None
-    if distill_teacher is not None:
-        target = parallelize(build_target(distill_teacher), cfg.dist, device, mesh, train=False)
-    n_blocks = student.backbone.n_blocks
-    optimizer = optim.build_optimizer(student, cfg.optim, n_blocks)
-    schedules = optim.Schedules(cfg.optim, cfg.train, cfg.data.batch_size_per_rank * world)
 
     ckpt_dir = out / "checkpoints"
     checkpoint.sweep_partial_saves(ckpt_dir)

@@ -193,6 +193,21 @@ TRAIN_SMALL = ["train.steps=2", "train.log_every=1", "train.checkpoint_every=2",
                "data.num_workers=1", "logging.tensorboard=false"]  # fmt: skip
 
 
+def _two_nodes(argv: list[str], env: dict[str, str]) -> list[tuple[str, str]]:
+    """Run `argv` as two "nodes" on this machine; (stdout, stderr) of each, both exit 0."""
+    procs = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for _node in range(2)]  # fmt: skip
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            _stop_group(p)
+    for p, (_out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-4000:]
+    return results
+
+
 def test_readme_two_node_torchrun_on_one_machine(tmp_path):
     """The README's command as written, on two node ranks of this machine: HEAD:29500 becomes a
     free loopback port, 8 GPUs per node 1 process, the ViT-L recipe the tiny CPU one."""
@@ -206,16 +221,7 @@ def test_readme_two_node_torchrun_on_one_machine(tmp_path):
         command = command.replace(old, new)
     argv = [str(VENV_BIN / "torchrun"), *command.split()[1:], *TRAIN_SMALL]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for _node in range(2)]  # fmt: skip
-    try:
-        results = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            _stop_group(p)
-    for p, (_out, err) in zip(procs, results):
-        assert p.returncode == 0, err[-4000:]
+    results = _two_nodes(argv, env)
     assert "2 ranks" in results[0][1] + results[1][1]
     metrics = (tmp_path / "train/metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [1, 2]
@@ -236,15 +242,6 @@ def test_slurm_script_runs_two_nodes_with_stand_ins(tmp_path):
                SLURM_GPUS_ON_NODE="1", RDZV_PORT=str(_free_port()))  # fmt: skip
     args = ["bash", str(REPO / "cluster/slurm/pretrain.sbatch"), "configs/pretrain/vit_test_cpu.yaml",
             f"data.shards={_shards(tmp_path)}", f"output_dir={tmp_path / 'train'}", *TRAIN_SMALL]  # fmt: skip
-    procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for _node in range(2)]  # fmt: skip
-    try:
-        results = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            _stop_group(p)
-    for p, (_out, err) in zip(procs, results):
-        assert p.returncode == 0, err[-4000:]
+    _two_nodes(args, env)
     metrics = (tmp_path / "train/metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [1, 2]

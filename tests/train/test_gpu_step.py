@@ -22,7 +22,8 @@ def test_a_step_has_no_host_sync(shard_dir, helpers, tmp_path, monkeypatch, phot
     from pretrain.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
     from pretrain.data.loader import build_pretrain_loader
     from pretrain.data.photometric import batch_to_device
-    from pretrain.parallelize import build_mesh, init_distributed, parallelize
+    from pretrain.parallelize import init_distributed
+    from pretrain.train import build_job
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
@@ -31,13 +32,9 @@ def test_a_step_has_no_host_sync(shard_dir, helpers, tmp_path, monkeypatch, phot
         f"crops.photometric={photometric}", "loss.centering=sinkhorn_knopp"])  # fmt: skip
     rank, world, device = init_distributed(cfg.dist)
     try:
-        student, teacher = arch.build_student_teacher(cfg)
-        losses = arch.build_losses(cfg).to(device)
-        mesh = build_mesh(device, world)
-        parallelize(student, cfg.dist, device, mesh, train=True)
-        parallelize(teacher, cfg.dist, device, mesh, train=False)
-        opt = optim.build_optimizer(student, cfg.optim, student.backbone.n_blocks)
-        sched = optim.Schedules(cfg.optim, cfg.train, cfg.data.batch_size_per_rank * world)
+        job = build_job(cfg, device, world)
+        student, teacher, losses = job.student, job.teacher, job.losses
+        opt, sched = job.optimizer, job.schedules
         loader, _ = build_pretrain_loader(
             cfg, rank=rank, world_size=world, start_batch=0, device_type="cuda"
         )
